@@ -94,7 +94,7 @@ class Sample:
                 fail(field, f"must have shape {want}, got {list(arr.shape)}")
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 bad = np.argwhere(~np.isfinite(arr))[0].tolist()
-                fail(field, f"holds a non-finite value {arr[tuple(bad)]!r} at index {bad}")
+                fail(field, f"holds a non-finite value {float(arr[tuple(bad)])} at index {bad}")
 
         check("rgb", self.rgb, np.uint8, 4, (3,))
         s, h, w = self.rgb.shape[:3]
@@ -105,7 +105,7 @@ class Sample:
             fail("depth", f"must have shape {[s, h, w]} to match rgb, got {list(self.depth.shape)}")
         if (self.depth < 0).any():
             bad = np.argwhere(self.depth < 0)[0].tolist()
-            fail("depth", f"must be >= 0 metres (0 = invalid), got {self.depth[tuple(bad)]} at {bad}")
+            fail("depth", f"must be >= 0 metres (0 = invalid), got {float(self.depth[tuple(bad)])} at {bad}")
         check("intrinsics", self.intrinsics, np.float32, 3, (3, 3))
         check("cam_to_world", self.cam_to_world, np.float32, 3, (4, 4))
         for name, arr in (("intrinsics", self.intrinsics), ("cam_to_world", self.cam_to_world)):
@@ -130,7 +130,7 @@ class Sample:
             fail("labels", f"must have {n} entries to match boxes, got {self.labels.shape[0]}")
         if n and (self.boxes[:, 3:6] <= 0).any():
             bad = np.argwhere(self.boxes[:, 3:6] <= 0)[0].tolist()
-            fail("boxes", f"box {bad[0]} has a non-positive size {self.boxes[bad[0], 3 + bad[1]]} "
+            fail("boxes", f"box {bad[0]} has a non-positive size {float(self.boxes[bad[0], 3 + bad[1]])} "
                           "(dx, dy, dz must be > 0)")
         if self.label_names and len(self.label_names) != n:
             fail("label_names", f"must have {n} entries to match boxes, got {len(self.label_names)}")

@@ -1,0 +1,77 @@
+"""Config pieces shared by every stage, and the checks run before any stage starts.
+
+Configs are data (`ml_collections.ConfigDict`, locked so a misspelt override such as
+`--config.train.stpes=10` is an error naming the key). `validate(config)` catches bad values early,
+naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+MODES = ("pipeline", "data")
+
+
+def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,
+                num_views: int = 4) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"  # synthetic | scannet
+    c.dir = config_dict.placeholder(str)  # where scenes are written/read; None -> WORKDIR/data
+    c.scannet_dir = config_dict.placeholder(str)  # exported ScanNet scenes (source=scannet)
+    c.num_train_scenes = num_train_scenes  # synthetic scenes for training
+    c.num_eval_scenes = num_eval_scenes  # held-out synthetic scenes (never seen in training)
+    c.image_size = image_size  # square frames, a multiple of the 14-pixel VGGT patch
+    c.num_views = num_views  # S, frames per scene
+    c.workers = 2  # processes for scene generation
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Raises ValueError naming the first bad field. `num_devices` enables the mesh check."""
+
+    def bad(field, value, why):
+        raise ValueError(f"config.{field} = {value!r}: {why}")
+
+    if config.mode not in MODES:
+        bad("mode", config.mode, f"must be one of {MODES}")
+    if config.seed < 0:
+        bad("seed", config.seed, "must be >= 0")
+    d = config.data
+    if d.source not in ("synthetic", "scannet"):
+        bad("data.source", d.source, "must be 'synthetic' or 'scannet'")
+    if d.source == "scannet" and not d.scannet_dir:
+        bad("data.scannet_dir", d.scannet_dir, "must point at exported ScanNet scenes when data.source='scannet'")
+    for f in ("num_train_scenes", "num_eval_scenes", "num_views", "workers"):
+        if d[f] < 1:
+            bad(f"data.{f}", d[f], "must be >= 1")
+    if d.image_size < 14 or d.image_size % 14:
+        bad("data.image_size", d.image_size, "must be a positive multiple of the VGGT patch size 14")
+    if config.train.steps < 0:
+        bad("train.steps", config.train.steps, "must be >= 0")
+    if config.train.batch_size < 1:
+        bad("train.batch_size", config.train.batch_size, "must be >= 1")
+    vocab = config.model.decoder.vocab_size
+    if vocab < 1:
+        bad("model.decoder.vocab_size", vocab, "must be >= 1")
+    if not 1 <= config.teacher.k <= vocab:
+        bad("teacher.k", config.teacher.k,
+            f"must be between 1 and the vocabulary size {vocab} (model.decoder.vocab_size)")
+    if config.teacher.temperature <= 0:
+        bad("teacher.temperature", config.teacher.temperature, "must be > 0")
+    if config.tokenizer.path is None and config.tokenizer.vocab_size != vocab:
+        bad("tokenizer.vocab_size", config.tokenizer.vocab_size,
+            f"the built-in BPE must have the model's vocabulary size {vocab}")
+    shape = tuple(config.mesh.shape)
+    if num_devices is not None:
+        from spatial_distill.sharding import mesh_shape
+
+        try:
+            filled = mesh_shape(shape, num_devices)
+        except ValueError as e:
+            bad("mesh.shape", shape, str(e))
+        data_ways = filled[0] * filled[1]
+        if config.train.batch_size % data_ways:
+            bad("train.batch_size", config.train.batch_size,
+                f"must divide across the data and fsdp mesh axes ({filled[0]} x {filled[1]} = "
+                f"{data_ways} ways)")
