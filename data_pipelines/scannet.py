@@ -172,6 +172,19 @@ def _scale_k(k: np.ndarray, src_hw, dst_hw) -> np.ndarray:
     return out
 
 
+def _read_meta(d: pathlib.Path) -> dict:
+    meta_path = d / "scene.json"
+    try:
+        return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ScanNetFormatError(f"{meta_path}: not valid JSON ({e})") from e
+
+
+def read_scene_qa(scene_dir) -> tuple[QA, ...]:
+    """The scene's questions alone (no frames decoded): for tokenizer training and statistics."""
+    return tuple(QA.from_json(q) for q in _read_meta(pathlib.Path(scene_dir)).get("qa", ()))
+
+
 def read_scene(scene_dir, *, frame_ids=None, num_views: int | None = None,
                image_size=None) -> Sample:
     """Reads a scene folder into a validated `Sample`.
@@ -187,10 +200,7 @@ def read_scene(scene_dir, *, frame_ids=None, num_views: int | None = None,
     if not d.is_dir():
         raise ScanNetFormatError(f"scene folder {d} does not exist")
     meta_path = d / "scene.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise ScanNetFormatError(f"{meta_path}: not valid JSON ({e})") from e
+    meta = _read_meta(d)
 
     if frame_ids is None:
         ids = [int(i) for i in meta["frame_ids"]] if "frame_ids" in meta else frame_ids_on_disk(d)

@@ -56,9 +56,10 @@ def attention(
 
     groups = h // hk
     qg = q.reshape(b, lq, hk, groups, d)
-    # Logits and softmax in float32 whatever the compute dtype (bf16 softmax loses mass).
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
+    # Logits and softmax in at least float32 (bf16 softmax loses mass; float64 stays float64).
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc)
+    logits = logits * jnp.asarray(scale, acc)
 
     visible = None
     if causal:
@@ -78,11 +79,11 @@ def attention(
         m = jnp.broadcast_to(mask, (b, h, lq, lk)).reshape(b, hk, groups, lq, lk)
         visible = m if visible is None else visible & m
     if visible is not None:
-        logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(visible, logits, jnp.finfo(acc).min)
 
     probs = jax.nn.softmax(logits, axis=-1)
     if visible is not None:
         # A fully masked row (padding query) attends to nothing instead of averaging everything.
         probs = jnp.where(visible.any(axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=acc)
     return out.reshape(b, lq, h, d).astype(q.dtype)
