@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-MODES = ("pipeline", "data")
+MODES = ("pipeline", "data", "dump")
 
 
 def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,
@@ -57,6 +57,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if not 1 <= config.teacher.k <= vocab:
         bad("teacher.k", config.teacher.k,
             f"must be between 1 and the vocabulary size {vocab} (model.decoder.vocab_size)")
+    if config.teacher.kind != "oracle":
+        bad("teacher.kind", config.teacher.kind, "only the 'oracle' teacher (synthetic data) exists")
+    if config.teacher.kind == "oracle" and d.source != "synthetic":
+        bad("teacher.kind", config.teacher.kind, "the oracle answers from synthetic geometry only; "
+            "data.source must be 'synthetic'")
     if config.teacher.temperature <= 0:
         bad("teacher.temperature", config.teacher.temperature, "must be > 0")
     if config.tokenizer.path is None and config.tokenizer.vocab_size != vocab:

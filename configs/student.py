@@ -16,13 +16,28 @@ from ml_collections import config_dict
 from configs import common
 
 PRESETS = {
-    # name: image px, train/eval scenes, decoder (vocab, hidden, layers, heads, kv heads, mlp), K
-    "tiny": dict(image_size=112, train=1000, eval=200, vocab=512, hidden=128, layers=4,
-                 heads=4, kv_heads=2, mlp=352, latents=8, batch=8, steps=300),
-    "small": dict(image_size=224, train=4000, eval=500, vocab=32000, hidden=1024, layers=12,
-                  heads=16, kv_heads=16, mlp=2816, latents=8, batch=32, steps=20000),
-    "paper": dict(image_size=518, train=4000, eval=500, vocab=32000, hidden=2048, layers=24,
-                  heads=16, kv_heads=16, mlp=5504, latents=8, batch=64, steps=20000),
+    "tiny": dict(
+        image_size=112, train=1000, eval=200, batch=8, steps=300, vocab=512,
+        vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4),
+        decoder=dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=352, context=512),
+        depth=dict(features=32, out_channels=(16, 32, 64, 64), layers=(0, 1, 2, 3)),
+        det=dict(queries=16, dim=64, layers=2, heads=4, classes=3),
+        pool="grid2", latents=8),
+    "small": dict(
+        image_size=224, train=4000, eval=500, batch=32, steps=20000, vocab=32000,
+        vision=dict(embed_dim=384, depth=12, num_heads=6, vit_depth=12, vit_heads=6),
+        decoder=dict(hidden=1024, layers=12, heads=16, kv_heads=16, mlp=2816, context=2048),
+        depth=dict(features=128, out_channels=(96, 192, 384, 384), layers=(2, 5, 8, 11)),
+        det=dict(queries=32, dim=256, layers=3, heads=8, classes=18),
+        pool="grid2", latents=8),
+    # VGGT-1B aggregator and depth head, a 24-layer 2048-wide SwiGLU decoder: ~2.29B in total.
+    "paper": dict(
+        image_size=518, train=4000, eval=500, batch=64, steps=20000, vocab=32000,
+        vision=dict(embed_dim=1024, depth=24, num_heads=16, vit_depth=24, vit_heads=16),
+        decoder=dict(hidden=2048, layers=24, heads=16, kv_heads=16, mlp=5504, context=2048),
+        depth=dict(features=256, out_channels=(256, 512, 1024, 1024), layers=(4, 11, 17, 23)),
+        det=dict(queries=64, dim=256, layers=6, heads=8, classes=18),
+        pool="grid2", latents=8),
 }
 
 
@@ -45,25 +60,99 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.tokenizer.vocab_size = p["vocab"]  # size of the built-in BPE (must equal the decoder's)
 
     c.teacher = ml_collections.ConfigDict()
+    c.teacher.kind = "oracle"  # the synthetic-data oracle (answers from GT, calibrated)
     c.teacher.k = 32  # top-K log-probs stored per answer token
     c.teacher.temperature = 1.0  # temperature of the stored teacher distribution
+    c.teacher.records_dir = config_dict.placeholder(str)  # None -> WORKDIR/records
+    c.teacher.num_shards = 4  # per split; a multiple of the process count
+    # Oracle calibration: P(correct answer) = sigmoid(margin / scale) mixed towards
+    # `floor`..`ceiling`, where margin is how far the geometry is from the decision threshold.
+    c.teacher.oracle_ceiling = 0.95
+    c.teacher.oracle_floor = 0.6
+    c.teacher.oracle_scale = 0.1  # metres (or ratio units for size) per unit of logit
 
-    c.model = ml_collections.ConfigDict()
-    c.model.decoder = ml_collections.ConfigDict()
-    c.model.decoder.vocab_size = p["vocab"]
-    c.model.decoder.hidden_size = p["hidden"]
-    c.model.decoder.num_layers = p["layers"]
-    c.model.decoder.num_heads = p["heads"]
-    c.model.decoder.num_kv_heads = p["kv_heads"]
-    c.model.decoder.intermediate_size = p["mlp"]
-    c.model.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
+    c.input = ml_collections.ConfigDict()  # static batch shapes (errors, never truncation)
+    c.input.max_questions = 17  # the synthetic QA asks at most 4 per kind + 1 count
+    c.input.max_prompt_len = 32
+    c.input.max_answer_len = 8
+    c.input.max_boxes = 16
+    c.input.shuffle_buffer = 128
+
+    c.model = model_config(p)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = p["steps"]
     c.train.batch_size = p["batch"]  # global batch (samples, each with all its questions)
+    c.train.learning_rate = 1e-3 if preset == "tiny" else 1e-4  # AdamW peak
+    c.train.warmup_steps = 30 if preset == "tiny" else 1000
+    c.train.weight_decay = 0.01
+    c.train.grad_clip = 1.0  # global-norm clipping
+    c.train.accum_steps = 1  # gradient accumulation (micro-batches per update)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+    c.train.nan_patience = 5  # consecutive non-finite steps before stopping
+    c.train.eval_every = 0  # 0: evaluate once at the end
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.alpha = 0.7  # KD weight; 1 - alpha goes to CE on the teacher's greedy answer
+    c.loss.temperature = 3.0  # KD temperature (paper config)
+    c.loss.tail = "bucket"  # bucket | renormalize | ignore
+    c.loss.chunked = True  # never form full fp32 [tokens, vocab] logits
+    c.loss.chunk_size = 8192
+    c.loss.weighting = "kendall"  # kendall | static | dwa
+    c.loss.depth = True
+    c.loss.detection = True
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
 
     c.lock()
     return c
+
+
+def model_config(p: dict) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    v = m.vision = ml_collections.ConfigDict()  # VGGT aggregator (DINOv2 patch embed inside)
+    v.embed_dim = p["vision"]["embed_dim"]
+    v.depth = p["vision"]["depth"]  # frame/global block pairs
+    v.num_heads = p["vision"]["num_heads"]
+    v.vit_depth = p["vision"]["vit_depth"]  # DINO patch-embed blocks
+    v.vit_heads = p["vision"]["vit_heads"]
+    v.checkpoint = config_dict.placeholder(str)  # official VGGT weights (safetensors / .pt)
+    v.frozen = False  # stop gradients at the aggregator (the paper freezes VGGT)
+    v.dtype = "float32"  # aggregator compute dtype (heads always float32)
+    v.remat = False
+
+    d = m.decoder = ml_collections.ConfigDict()  # Llama family; shares the teacher's tokenizer
+    d.vocab_size = p["vocab"]
+    d.hidden_size = p["decoder"]["hidden"]
+    d.num_layers = p["decoder"]["layers"]
+    d.num_heads = p["decoder"]["heads"]
+    d.num_kv_heads = p["decoder"]["kv_heads"]
+    d.intermediate_size = p["decoder"]["mlp"]
+    d.max_position_embeddings = p["decoder"]["context"]
+    d.rope_theta = 10000.0
+    d.tie_word_embeddings = False
+    d.scan_layers = True
+    d.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    d.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+
+    m.vision_pool = p["pool"]  # mean1 (the paper's single token) | grid<g> per view
+    m.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
+    m.latent_position = "before_question"  # before_question [V][T][Q][A] | after_question [V][Q][T][A]
+
+    dh = m.depth_head = ml_collections.ConfigDict()  # VGGT DPT depth head
+    dh.enabled = True
+    dh.features = p["depth"]["features"]
+    dh.out_channels = p["depth"]["out_channels"]
+    dh.layers = p["depth"]["layers"]  # aggregator layers the DPT reads
+
+    det = m.det_head = ml_collections.ConfigDict()  # DETR-style 3D boxes
+    det.enabled = True
+    det.num_queries = p["det"]["queries"]
+    det.dim = p["det"]["dim"]
+    det.num_layers = p["det"]["layers"]
+    det.num_heads = p["det"]["heads"]
+    det.num_classes = p["det"]["classes"]
+    return m

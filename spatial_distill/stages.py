@@ -1,6 +1,7 @@
 """The stages `run.py` dispatches to, one function per `config.mode`.
 
-`pipeline` runs every stage in order on the configured data; `data` prepares the data alone.
+`pipeline` runs every stage in order on the configured data; `data` prepares the data (scenes,
+tokenizer, statistics), `dump` writes the teacher records.
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import ml_collections
 
 from spatial_distill import prepare
+from spatial_distill.teacher import dump
 
 STAGES = {
     "data": prepare.prepare_data,
+    "dump": dump.dump,
 }
-PIPELINE = ("data",)
+PIPELINE = ("data", "dump")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,0 +1,327 @@
+"""The student (DESIGN.md §4): VGGT tokens -> projector -> Llama decoder with Hidden-CoT latents.
+
+Per sample, the VGGT aggregator runs once over its S views; the last layer's patch tokens are
+pooled per view to a `g x g` grid (`grid<g>`), or, with `mean1`, averaged over every view and
+patch into the paper's single vision token; then projected to the decoder width by a 2-layer MLP. Every
+question of the sample then reads the same vision prefix:
+
+    before_question (paper):  [V (S*g*g)] [T1..TK] [Q (Lp, right-padded)] [A (La, right-padded)]
+    after_question:           [V] [Q] [T1..TK] [A]
+
+Padding stays where the input pipeline put it; it gets segment id 0 (it sees and is seen by no
+real token) and real tokens get contiguous RoPE positions from the cumulative sum of the mask, so
+the decoder computes exactly what it would on the compact sequence. Labels live on A only: the
+output is the hidden state that predicts each answer token (`answer_hidden [B, Q, La, D]`),
+aligned with `answer_ids`, and the losses project it to the vocabulary in chunks. The latent
+tokens T are learned embeddings (init N(0, 0.02^2)); they are never decoded, except by the
+diagnostic `latent_nearest_tokens`.
+
+Heads: depth (a VGGT DPT head, initialised from VGGT's when official weights are loaded) and the
+DETR-style 3D box head (`heads.py`), both reading the aggregator's tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spatial_distill import generate as generate_lib
+from spatial_distill.models.dpt import DPTConfig, DPTHead
+from spatial_distill.models.heads import DetectionHead, DetHeadConfig
+from spatial_distill.models.llama import Llama, LlamaConfig
+from spatial_distill.models.vggt import Aggregator, AggregatorConfig, PatchEmbedConfig
+from spatial_distill.sharding import constrain
+
+LATENT_POSITIONS = ("before_question", "after_question")
+_BLD = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    aggregator: AggregatorConfig
+    patch_embed: PatchEmbedConfig
+    decoder: LlamaConfig
+    depth_head: DPTConfig | None = None
+    det_head: DetHeadConfig | None = None
+    vision_pool: str = "grid2"  # "mean1" (one token per sample, the paper's) or "grid<g>" (g*g per view)
+    num_latents: int = 8  # Hidden-CoT K; 0 disables
+    latent_position: str = "before_question"
+    freeze_vision: bool = False  # stop gradients at the aggregator output
+    vision_dtype: str = "float32"  # aggregator compute dtype; heads run in float32 regardless
+    remat_vision: bool = False
+
+    def __post_init__(self):
+        if self.latent_position not in LATENT_POSITIONS:
+            raise ValueError(f"StudentConfig.latent_position = {self.latent_position!r}: choose one "
+                             f"of {LATENT_POSITIONS}")
+        if self.num_latents < 0:
+            raise ValueError(f"StudentConfig.num_latents = {self.num_latents} must be >= 0")
+        self.pool_grid  # validates vision_pool
+        if self.depth_head is not None and self.depth_head.dim_in != 2 * self.aggregator.embed_dim:
+            raise ValueError(f"depth_head.dim_in = {self.depth_head.dim_in} must be twice the "
+                             f"aggregator width {self.aggregator.embed_dim}")
+
+    @property
+    def pool_grid(self) -> int:
+        if self.vision_pool == "mean1":
+            return 1
+        if self.vision_pool.startswith("grid") and self.vision_pool[4:].isdigit() and int(self.vision_pool[4:]) > 0:
+            return int(self.vision_pool[4:])
+        raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1' or 'grid<g>' (e.g. grid2)")
+
+    def num_vision_tokens(self, num_views: int) -> int:
+        return 1 if self.vision_pool == "mean1" else num_views * self.pool_grid**2
+
+    def sequence_length(self, num_views: int, prompt_len: int, answer_len: int) -> int:
+        return self.num_vision_tokens(num_views) + self.num_latents + prompt_len + answer_len
+
+    def check_lengths(self, num_views: int, prompt_len: int, answer_len: int) -> None:
+        """A question that does not fit the decoder's context is an error naming both numbers."""
+        total = self.sequence_length(num_views, prompt_len, answer_len)
+        if total > self.decoder.max_position_embeddings:
+            raise ValueError(
+                f"student sequence of {total} tokens ({self.num_vision_tokens(num_views)} vision + "
+                f"{self.num_latents} latent + {prompt_len} question + {answer_len} answer) exceeds "
+                f"the decoder context max_position_embeddings = {self.decoder.max_position_embeddings}; "
+                "shorten the question/answer limits or raise the context")
+
+
+def pooling_matrix(h: int, w: int, g: int) -> np.ndarray:
+    """`[g*g, h*w]` adaptive-average-pooling weights (PyTorch AdaptiveAvgPool2d bins)."""
+    if g > min(h, w):
+        raise ValueError(f"cannot pool a {h}x{w} patch grid to {g}x{g}: g must be <= {min(h, w)}")
+    out = np.zeros((g, g, h, w), np.float32)
+    for i in range(g):
+        r0, r1 = (i * h) // g, -((-(i + 1) * h) // g)
+        for j in range(g):
+            c0, c1 = (j * w) // g, -((-(j + 1) * w) // g)
+            out[i, j, r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
+    return out.reshape(g * g, h * w)
+
+
+def _dense(din, dout, names, rngs):
+    return nnx.Linear(din, dout, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
+
+
+class Student(nnx.Module):
+    def __init__(self, cfg: StudentConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        vision_width = 2 * cfg.aggregator.embed_dim
+        d = cfg.decoder.hidden_size
+        self.aggregator = Aggregator(cfg.aggregator, cfg.patch_embed, dtype=jnp.dtype(cfg.vision_dtype),
+                                     remat=cfg.remat_vision, rngs=rngs)
+        self.proj_in = _dense(vision_width, d, ("embed", "mlp"), rngs)
+        self.proj_out = _dense(d, d, ("mlp", "embed"), rngs)
+        self.decoder = Llama(cfg.decoder, rngs=rngs)
+        self.latents = (nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(
+            rngs.params(), (cfg.num_latents, d))) if cfg.num_latents else None)
+        self.depth_head = DPTHead(cfg.depth_head, rngs=rngs) if cfg.depth_head else None
+        self.det_head = DetectionHead(cfg.det_head, vision_width, rngs=rngs) if cfg.det_head else None
+
+    # -- vision --------------------------------------------------------------------------------
+    def _layers_needed(self) -> list[int]:
+        need = {self.cfg.aggregator.depth - 1}
+        if self.depth_head is not None:
+            need |= {i % self.cfg.aggregator.depth for i in self.cfg.depth_head.intermediate_layer_idx}
+        return sorted(need)
+
+    def encode_images(self, images: jax.Array):
+        """images `[B, S, H, W, 3]` in [0, 1] -> (aggregator layers, patch tokens `[B, S, h*w, 2C]`)."""
+        layers, psi = self.aggregator(images, keep_layers=self._layers_needed())
+        if self.cfg.freeze_vision:
+            layers = [None if t is None else jax.lax.stop_gradient(t) for t in layers]
+        return layers, layers[-1][:, :, psi:, :]
+
+    def vision_tokens(self, patches: jax.Array, hw: tuple[int, int]) -> jax.Array:
+        """patches `[B, S, h*w, 2C]` -> projected vision tokens `[B, Nv, D]` (compute dtype)."""
+        b = patches.shape[0]
+        if self.cfg.vision_pool == "mean1":
+            pooled = patches.astype(jnp.float32).mean(axis=(1, 2))[:, None]  # [B, 1, 2C]
+        else:
+            pool = jnp.asarray(pooling_matrix(hw[0], hw[1], self.cfg.pool_grid))
+            pooled = jnp.einsum("gp,bspc->bsgc", pool, patches.astype(jnp.float32))
+            pooled = pooled.reshape(b, -1, pooled.shape[-1])
+        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled), approximate=False))
+        return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
+
+    # -- sequence assembly ---------------------------------------------------------------------
+    def _sequence(self, vision, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
+        """Builds `[B*Q, L, D]` embeddings, validity `[B*Q, L]` and the slot of each part."""
+        b, q, lp = prompt_ids.shape
+        nv, k = vision.shape[1], self.cfg.num_latents
+        d = vision.shape[-1]
+        parts = [(jnp.broadcast_to(vision[:, None], (b, q, nv, d)), jnp.ones((b, q, nv), bool))]
+        latent = ((jnp.broadcast_to(self.latents[...].astype(vision.dtype), (b, q, k, d)),
+                   jnp.ones((b, q, k), bool)) if k else None)
+        prompt = (self.decoder.embed(prompt_ids.reshape(b * q, lp)).reshape(b, q, lp, d), prompt_mask)
+        if self.cfg.latent_position == "before_question":
+            parts += ([latent] if latent else []) + [prompt]
+        else:
+            parts += [prompt] + ([latent] if latent else [])
+        if answer_ids is not None:
+            la = answer_ids.shape[-1]
+            parts.append((self.decoder.embed(answer_ids.reshape(b * q, la)).reshape(b, q, la, d), answer_mask))
+        emb = jnp.concatenate([p[0] for p in parts], axis=2)
+        valid = jnp.concatenate([p[1].astype(bool) for p in parts], axis=2)
+        return emb.reshape(b * q, -1, d), valid.reshape(b * q, -1)
+
+    def _answer_source_slots(self, prompt_mask, answer_len: int, nv: int) -> jax.Array:
+        """`[B, Q, La]` slot whose hidden state predicts each answer token."""
+        k, lp = self.cfg.num_latents, prompt_mask.shape[-1]
+        n_prompt = prompt_mask.sum(-1).astype(jnp.int32)  # [B, Q]
+        if self.cfg.latent_position == "before_question":
+            first = nv + k + n_prompt - 1  # last real question token
+        else:
+            first = jnp.broadcast_to(jnp.int32(nv + lp + k - 1), n_prompt.shape)  # last latent
+            if k == 0:
+                first = nv + n_prompt - 1
+        answer_start = nv + k + lp
+        j = jnp.arange(answer_len, dtype=jnp.int32)
+        return jnp.where(j == 0, first[..., None], answer_start + j - 1)
+
+    def __call__(self, images, prompt_ids, prompt_mask, answer_ids, answer_mask) -> dict:
+        """Training forward.
+
+        Args:
+          images: `[B, S, H, W, 3]` float in [0, 1] (or uint8, divided by 255).
+          prompt_ids / prompt_mask: `[B, Q, Lp]` int / bool, right-padded.
+          answer_ids / answer_mask: `[B, Q, La]` int / bool, right-padded (teacher answer, EOS incl.).
+        Returns dict: `answer_hidden [B, Q, La, D]`, `vision_tokens [B, Nv, D]`, and when the heads
+        exist `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`, `det_logits [B, Nq, C+1]`,
+        `det_boxes [B, Nq, 7]`.
+        """
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 255.0
+        b, s, hh, ww, _ = images.shape
+        q, lp = prompt_ids.shape[1:]
+        la = answer_ids.shape[-1]
+        self.cfg.check_lengths(s, lp, la)
+        p = self.cfg.aggregator.patch_size
+        layers, patches = self.encode_images(images)
+        vision = self.vision_tokens(patches, (hh // p, ww // p))
+        emb, valid = self._sequence(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
+        positions = generate_lib.positions_from_mask(valid)
+        hidden, _ = self.decoder.hidden(emb, positions=positions, segment_ids=valid.astype(jnp.int32))
+        slots = self._answer_source_slots(prompt_mask, la, vision.shape[1]).reshape(b * q, la)
+        answer_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1).reshape(b, q, la, -1)
+        out = {"answer_hidden": answer_hidden, "vision_tokens": vision}
+        if self.depth_head is not None:
+            depth, conf = self.depth_head(layers, (hh, ww), self.cfg.aggregator.patch_start_idx)
+            out["depth"], out["depth_conf"] = depth[..., 0], conf
+        if self.det_head is not None:
+            out["det_logits"], out["det_boxes"] = self.det_head(patches.reshape(b, -1, patches.shape[-1]))
+        return out
+
+    def answer_logits(self, answer_hidden: jax.Array) -> jax.Array:
+        """`[B, Q, La, D]` -> `[B, Q, La, V]` float32 (small vocabularies / tests; losses chunk)."""
+        b, q, la, d = answer_hidden.shape
+        return self.decoder.logits(answer_hidden.reshape(b * q, la, d)).reshape(b, q, la, -1)
+
+    # -- inference -----------------------------------------------------------------------------
+    def prefix(self, images, prompt_ids, prompt_mask):
+        """Left-padded generation prefix `[V][T][Q]` (or `[V][Q][T]`): `([B*Q, P, D], [B*Q, P])`.
+
+        Real tokens are moved to the end of each row so the last slot is the last real token.
+        """
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 255.0
+        hh, ww = images.shape[2:4]
+        p = self.cfg.aggregator.patch_size
+        _, patches = self.encode_images(images)
+        vision = self.vision_tokens(patches, (hh // p, ww // p))
+        emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
+        length = valid.shape[1]
+        # Stable order: pads first, then real tokens in their original order.
+        order = jnp.argsort(jnp.where(valid, 1, 0) * length + jnp.arange(length), axis=1)
+        return (jnp.take_along_axis(emb, order[..., None], axis=1),
+                jnp.take_along_axis(valid, order, axis=1))
+
+    def generate(self, images, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_id: int,
+                 pad_id: int, temperature: float = 0.0, top_p: float = 1.0, rng=None):
+        """Answers every question: tokens `[B, Q, max_new_tokens]` and lengths `[B, Q]`."""
+        b, q = prompt_ids.shape[:2]
+        emb, mask = self.prefix(images, prompt_ids, prompt_mask)
+        self.cfg.check_lengths(images.shape[1], prompt_ids.shape[-1], max_new_tokens)
+        tokens, lengths = generate_lib.generate(
+            self.decoder, emb, mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+            temperature=temperature, top_p=top_p, rng=rng)
+        return tokens.reshape(b, q, -1), lengths.reshape(b, q)
+
+    def latent_nearest_tokens(self, images, prompt_ids, prompt_mask) -> dict:
+        """Diagnostic (paper Fig. 4): what the K latent slots 'say'.
+
+        Returns `lm_head_argmax [B, Q, K]` (the LM head's top token at each latent slot, as the
+        paper's `decode_thinking_tokens`) and `embedding_nearest [K]` (the vocabulary entry whose
+        input embedding has the highest cosine similarity with each raw latent vector).
+        """
+        k = self.cfg.num_latents
+        if not k:
+            raise ValueError("latent_nearest_tokens: the model has no latent tokens (num_latents=0)")
+        b, q, lp = prompt_ids.shape
+        images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
+        hh, ww = images.shape[2:4]
+        p = self.cfg.aggregator.patch_size
+        _, patches = self.encode_images(images)
+        vision = self.vision_tokens(patches, (hh // p, ww // p))
+        emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
+        hidden, _ = self.decoder.hidden(emb, positions=generate_lib.positions_from_mask(valid),
+                                        segment_ids=valid.astype(jnp.int32))
+        nv = vision.shape[1]
+        start = nv if self.cfg.latent_position == "before_question" else nv + lp
+        logits = self.decoder.logits(hidden[:, start:start + k])
+        table = self.decoder.embedding[...].astype(jnp.float32)
+        lat = self.latents[...].astype(jnp.float32)
+        cos = (lat / jnp.linalg.norm(lat, axis=-1, keepdims=True)) @ (
+            table / jnp.maximum(jnp.linalg.norm(table, axis=-1, keepdims=True), 1e-12)).T
+        return {"lm_head_argmax": jnp.argmax(logits, -1).reshape(b, q, k),
+                "embedding_nearest": jnp.argmax(cos, -1)}
+
+
+def parameter_breakdown(model: nnx.Module) -> dict[str, int]:
+    """Parameter count per top-level component (works on `nnx.eval_shape` models)."""
+    counts: dict[str, int] = {}
+    for path, v in nnx.state(model, nnx.Param).flat_state():
+        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(np.prod(v.get_value().shape))
+    return counts
+
+
+def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentConfig:
+    """`StudentConfig` from the `config.model` section of `configs/student.py`.
+
+    The DINO pos-embed grid is sized for `image_size` when training from scratch; an official
+    VGGT checkpoint brings its own 518-pixel grid (resized at run time, as upstream does).
+    """
+    v, d = model.vision, model.decoder
+    grid_px = 518 if v.checkpoint else image_size
+    aggregator = AggregatorConfig(img_size=grid_px, embed_dim=v.embed_dim, depth=v.depth,
+                                  num_heads=v.num_heads)
+    patch_embed = PatchEmbedConfig(img_size=grid_px, embed_dim=v.embed_dim, depth=v.vit_depth,
+                                   num_heads=v.vit_heads)
+    decoder = LlamaConfig(
+        vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+        num_layers=d.num_layers, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
+        rope_theta=d.rope_theta, max_position_embeddings=d.max_position_embeddings,
+        tie_word_embeddings=d.tie_word_embeddings, scan_layers=d.scan_layers,
+        remat_policy=d.remat_policy, dtype=d.dtype)
+    depth = None
+    if model.depth_head.enabled:
+        depth = DPTConfig(dim_in=2 * v.embed_dim, features=model.depth_head.features,
+                          out_channels=tuple(model.depth_head.out_channels),
+                          intermediate_layer_idx=tuple(model.depth_head.layers),
+                          output_dim=2, activation="exp", conf_activation="expp1")
+    det = None
+    if model.det_head.enabled:
+        h = model.det_head
+        det = DetHeadConfig(num_queries=h.num_queries, num_classes=h.num_classes, dim=h.dim,
+                            num_layers=h.num_layers, num_heads=h.num_heads)
+    return StudentConfig(aggregator=aggregator, patch_embed=patch_embed, decoder=decoder,
+                         depth_head=depth, det_head=det, vision_pool=model.vision_pool,
+                         num_latents=model.num_latents, latent_position=model.latent_position,
+                         freeze_vision=v.frozen, vision_dtype=v.dtype, remat_vision=v.remat)

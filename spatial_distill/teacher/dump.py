@@ -1,0 +1,141 @@
+"""The dump stage: run a teacher over every sample once and write teacher records (DESIGN.md §3).
+
+For each split, samples are cut into `config.teacher.num_shards` contiguous shards. A shard is
+written to a temporary file and renamed when complete, so after an interruption (even `kill -9`)
+a rerun skips the finished shards and redoes only the others: every sample ends up in exactly
+one record. `teacher_meta.json` pins what produced the records (teacher, tokenizer hash, K,
+temperature, frame size); a rerun with a different setting stops with the field and both values
+instead of mixing records.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from data_pipelines import scannet
+from data_pipelines import teacher_records as tr
+from spatial_distill import prepare
+from spatial_distill.teacher.base import Teacher, topk_at_temperature
+from spatial_distill.teacher.oracle import OracleTeacher
+from spatial_distill.tokenizer import Tokenizer
+
+SPLITS = ("train", "eval")
+PROMPT_TEMPLATE = "<s>{question}"  # BOS, then the question's tokens; the answer follows directly
+# Fields of teacher_meta.json that must agree between a dump and a rerun over the same directory.
+IDENTITY_FIELDS = ("teacher_id", "teacher_revision", "tokenizer_hash", "vocab_size", "k",
+                   "temperature", "image_size", "num_views", "prompt_template")
+
+
+def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.teacher.records_dir or os.path.join(workdir, "records")
+
+
+def prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
+    return tokenizer.encode(question, add_bos=True)
+
+
+def make_teacher(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Teacher:
+    if config.teacher.kind == "oracle":
+        return OracleTeacher(tokenizer, floor=config.teacher.oracle_floor,
+                             ceiling=config.teacher.oracle_ceiling)
+    raise ValueError(f"config.teacher.kind = {config.teacher.kind!r}: only 'oracle' exists")
+
+
+def teacher_record(sample, teacher: Teacher, tokenizer: Tokenizer, meta: tr.TeacherMeta,
+                   max_answer_len: int) -> tr.TeacherRecord:
+    """Greedy answers, then the teacher-forced pass reduced to top-K at the dump temperature."""
+    prompts = [prompt_ids(tokenizer, qa.question) for qa in sample.qa]
+    answers = teacher.answer(sample, prompts)
+    for qa, ans in zip(sample.qa, answers):
+        if len(ans) > max_answer_len:
+            raise ValueError(f"sample {sample.sample_id!r}: the teacher's answer to {qa.question!r} has "
+                             f"{len(ans)} tokens, more than config.input.max_answer_len = "
+                             f"{max_answer_len}; raise the limit")
+    logits = teacher.score(sample, prompts, answers)
+    out = []
+    for qa, prompt, ans, lg in zip(sample.qa, prompts, answers, logits):
+        if lg.shape != (len(ans), meta.vocab_size):
+            raise ValueError(f"teacher {meta.teacher_id} returned logits {lg.shape} for an answer of "
+                             f"{len(ans)} tokens; expected ({len(ans)}, {meta.vocab_size})")
+        ids, lp, lse = topk_at_temperature(lg, meta.k, meta.temperature)
+        out.append(tr.TeacherAnswer.build(meta, prompt_ids=prompt, answer_ids=ans, topk_ids=ids,
+                                          topk_logprobs=lp, logsumexp=lse, kind=qa.kind,
+                                          gt_answer=qa.answer))
+    return tr.TeacherRecord(sample, tuple(out))
+
+
+def _check_same_dump(out_dir: str, meta: tr.TeacherMeta) -> None:
+    if not os.path.exists(os.path.join(out_dir, tr.META_FILE)):
+        return
+    old = tr.read_meta(out_dir)
+    for field in IDENTITY_FIELDS:
+        a, b = getattr(old, field), getattr(meta, field)
+        if a != b:
+            raise ValueError(
+                f"{out_dir} holds teacher records with {field} = {a!r} but this run has {field} = "
+                f"{b!r}; use another config.teacher.records_dir (nothing was changed)")
+
+
+def dump(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the train and eval records; returns the records directory. Resumable."""
+    out_dir = records_dir(config, workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = prepare.tokenizer(config, workdir)
+    teacher = make_teacher(config, tokenizer)
+    n_shards = config.teacher.num_shards
+    size = config.data.image_size
+    meta = tr.TeacherMeta(
+        teacher_id=teacher.teacher_id, teacher_revision=teacher.revision,
+        vocab_size=tokenizer.vocab_size, k=config.teacher.k, temperature=config.teacher.temperature,
+        image_size=(size, size), num_views=config.data.num_views, tokenizer_hash=tokenizer.sha256,
+        prompt_template=PROMPT_TEMPLATE, calibration=teacher.calibration(),
+        splits={s: {"num_shards": n_shards} for s in SPLITS})
+    _check_same_dump(out_dir, meta)
+    meta = tr.write_meta(out_dir, meta)  # pins the identity before any shard is written
+
+    for split in SPLITS:
+        dirs = prepare.scene_dirs(config, workdir, split)
+        if len(dirs) < n_shards:
+            raise ValueError(f"split {split!r} has {len(dirs)} scenes, fewer than "
+                             f"config.teacher.num_shards = {n_shards}")
+        ranges = tr.shard_assignment(len(dirs), n_shards)
+        done = {int(p.name.split("-")[2]) for p in tr.finished_shards(out_dir, split, n_shards)}
+        with tqdm(total=len(dirs), initial=sum(len(ranges[i]) for i in done),
+                  desc=f"teacher dump ({split})", unit="sample") as bar:
+            for index, indices in enumerate(ranges):
+                if index in done:
+                    continue
+                # An interrupted earlier attempt at this shard left only a temp file: drop it.
+                for stale in Path(out_dir).glob(f".{tr.shard_name(split, index, n_shards)}.tmp-*"):
+                    stale.unlink()
+
+                def records(indices=indices):
+                    for i in indices:
+                        sample = scannet.read_scene(dirs[i], num_views=config.data.num_views)
+                        yield teacher_record(sample, teacher, tokenizer, meta, config.input.max_answer_len)
+                        bar.update(1)
+
+                tr.write_shard(out_dir, split, index, n_shards, records(), meta)
+    meta = tr.write_meta(out_dir, meta)
+    counts = {s: {k: v for k, v in meta.splits[s].items() if k != "shard_records"} for s in SPLITS}
+    print(f"teacher records in {out_dir}: {counts}")
+    return out_dir
+
+
+def answer_token_stats(out_dir: str, split: str = "train") -> dict:
+    """Mean teacher top-K mass and top-1 probability over a split's answer tokens (diagnostics)."""
+    meta = tr.read_meta(out_dir)
+    mass, top1 = [], []
+    for path in tr.finished_shards(out_dir, split, meta.splits[split]["num_shards"]):
+        for rec in tr.read_shard(path, meta):
+            for a in rec.answers:
+                p = np.exp(a.topk_logprobs.astype(np.float64))
+                mass.extend(p.sum(-1))
+                top1.extend(p[:, 0])
+    return {"topk_mass": float(np.mean(mass)), "top1_prob": float(np.mean(top1)),
+            "answer_tokens": len(mass)}

@@ -1,0 +1,230 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import student as student_configs
+from spatial_distill.models import student as st
+
+MANIFEST = (Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llava3d"
+            / "llava3d_7b_manifest.json")
+
+B, Q, S, LP, LA = 2, 3, 2, 7, 4
+
+
+def tiny_cfg(**overrides) -> st.StudentConfig:
+    c = student_configs.get_config("tiny")
+    cfg = st.config_from(c.model, 56)
+    small_decoder = dataclasses.replace(cfg.decoder, vocab_size=64, hidden_size=32, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, intermediate_size=64)
+    cfg = dataclasses.replace(cfg, decoder=small_decoder, det_head=None, depth_head=None)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def batch(seed=0):
+    r = np.random.default_rng(seed)
+    images = r.uniform(size=(B, S, 56, 56, 3)).astype(np.float32)
+    prompt = r.integers(4, 64, size=(B, Q, LP)).astype(np.int32)
+    n_prompt = r.integers(2, LP + 1, size=(B, Q, 1))
+    n_prompt[0, 0, 0] = LP  # one unpadded question
+    answer = r.integers(4, 64, size=(B, Q, LA)).astype(np.int32)
+    n_answer = r.integers(1, LA + 1, size=(B, Q, 1))
+    pm = np.arange(LP) < n_prompt
+    am = np.arange(LA) < n_answer
+    return images, np.where(pm, prompt, 0), pm, np.where(am, answer, 0), am
+
+
+def _compact_rows(model: st.Student, vision, prompt, pm, answer=None, am=None):
+    """Per question, the compact sequence [V][T][Q][A] (or [V][Q][T][A]) right-padded to one
+    length: trailing padding cannot change earlier positions of a causal decoder."""
+    cfg = model.cfg
+    rows = []
+    for b in range(B):
+        for q in range(Q):
+            qe = model.decoder.embed(jnp.asarray(prompt[b, q][pm[b, q]])[None])[0]
+            lat = [model.latents[...]] if cfg.num_latents else []
+            parts = [vision[b], *lat, qe] if cfg.latent_position == "before_question" else [vision[b], qe, *lat]
+            if answer is not None:
+                parts.append(model.decoder.embed(jnp.asarray(answer[b, q][am[b, q]])[None])[0])
+            rows.append(jnp.concatenate(parts))
+    lengths = [r.shape[0] for r in rows]
+    width = max(lengths)
+    padded = jnp.stack([jnp.pad(r, ((0, width - r.shape[0]), (0, 0))) for r in rows])
+    return padded, np.array(lengths)
+
+
+def _vision(model, images):
+    p = model.cfg.aggregator.patch_size
+    _, patches = model.encode_images(jnp.asarray(images))
+    return model.vision_tokens(patches, (images.shape[2] // p, images.shape[3] // p))
+
+
+@nnx.jit
+def _hidden(decoder, embeds):
+    positions = jnp.broadcast_to(jnp.arange(embeds.shape[1]), embeds.shape[:2])
+    return decoder.hidden(embeds, positions=positions)[0]
+
+
+def compact_reference(model: st.Student, images, prompt, pm, answer, am):
+    """The bare decoder on each question's compact sequence; hidden states predicting A."""
+    seqs, lengths = _compact_rows(model, _vision(model, images), prompt, pm, answer, am)
+    h = np.asarray(_hidden(model.decoder, seqs))
+    out = np.zeros((B * Q, LA, model.cfg.decoder.hidden_size), np.float32)
+    for r, n in enumerate(lengths):
+        na = int(am.reshape(B * Q, LA)[r].sum())
+        out[r, :na] = h[r, n - na - 1: n - 1]  # hidden predicting answer token j sits just before it
+    return out.reshape(B, Q, LA, -1)
+
+
+@pytest.mark.parametrize("position", ["before_question", "after_question"])
+@pytest.mark.parametrize("latents", [0, 3])
+def test_padded_layout_equals_compact_sequence(position, latents):
+    model = st.Student(tiny_cfg(num_latents=latents, latent_position=position), rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    with jax.default_matmul_precision("highest"):
+        out = model(jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm), jnp.asarray(answer),
+                    jnp.asarray(am))
+        ref = compact_reference(model, images, prompt, pm, answer, am)
+    got = np.asarray(out["answer_hidden"]) * am[..., None]
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    assert out["vision_tokens"].shape == (B, S * 4, 32)  # grid2: 4 tokens per view
+
+
+def test_answer_token_change_never_reaches_earlier_positions():
+    model = st.Student(tiny_cfg(), rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    am[:] = True
+    answer = np.where(am, np.maximum(answer, 4), 0)
+    f = nnx.jit(lambda m, a: m(jnp.asarray(images), prompt, pm, a, am)["answer_hidden"])
+    base = np.asarray(f(model, answer))
+    changed = answer.copy()
+    changed[:, :, 2] = (changed[:, :, 2] + 7) % 60 + 4
+    new = np.asarray(f(model, changed))
+    np.testing.assert_array_equal(new[:, :, :3], base[:, :, :3])  # predicts tokens 0..2
+    assert np.abs(new[:, :, 3] - base[:, :, 3]).min() > 1e-6  # token 3 sees token 2
+
+
+def test_latents_change_the_answer_and_zero_latents_disable_the_feature():
+    model = st.Student(tiny_cfg(num_latents=4), rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    run = lambda m: np.asarray(m.answer_logits(m(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]))
+    base = run(model)
+    model.latents[...] = model.latents[...] + 0.5
+    assert np.abs(run(model) - base).max() > 1e-3
+    # K = 0 builds no latent parameter and matches the bare decoder (checked exactly above).
+    plain = st.Student(tiny_cfg(num_latents=0), rngs=nnx.Rngs(0))
+    assert plain.latents is None
+    assert not any("latents" in str(p) for p, _ in nnx.state(plain, nnx.Param).flat_state())
+
+
+def test_latent_init_scale_and_determinism():
+    a = st.Student(tiny_cfg(num_latents=512), rngs=nnx.Rngs(3))
+    b = st.Student(tiny_cfg(num_latents=512), rngs=nnx.Rngs(3))
+    lat = np.asarray(a.latents[...])
+    assert abs(lat.std() - 0.02) < 0.002 and abs(lat.mean()) < 0.002
+    for (pa, va), (pb, vb) in zip(nnx.state(a).flat_state(), nnx.state(b).flat_state()):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
+
+
+def test_bf16_forward_close_to_f32():
+    cfg = tiny_cfg()
+    f32 = st.Student(cfg, rngs=nnx.Rngs(0))
+    bf16_cfg = dataclasses.replace(cfg, vision_dtype="bfloat16",
+                                   decoder=dataclasses.replace(cfg.decoder, dtype=jnp.bfloat16))
+    bf16 = st.Student(bf16_cfg, rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    a = f32(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
+    b = bf16(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
+    assert b.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(b, np.float32) - np.asarray(a)) * am[..., None]
+    assert err.max() < 0.1, err.max()  # RMS-normed hidden states, bf16 has 8 mantissa bits
+
+
+def test_heads_and_mean1_pooling_shapes():
+    c = student_configs.get_config("tiny")
+    cfg = dataclasses.replace(st.config_from(c.model, 56), vision_pool="mean1")
+    model = st.Student(cfg, rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    out = model(jnp.asarray(images), prompt, pm, answer, am)
+    assert out["vision_tokens"].shape == (B, 1, 128)
+    assert out["depth"].shape == (B, S, 56, 56) and out["depth_conf"].shape == (B, S, 56, 56)
+    assert float(out["depth"].min()) > 0 and float(out["depth_conf"].min()) > 1
+    assert out["det_logits"].shape == (B, 16, 4) and out["det_boxes"].shape == (B, 16, 7)
+    assert float(out["det_boxes"][..., 3:6].min()) > 0
+
+
+def test_pooling_matrix_is_adaptive_average():
+    m = st.pooling_matrix(37, 37, 2)
+    np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
+    grid = np.arange(37 * 37, dtype=np.float64)
+    np.testing.assert_allclose(m[0] @ grid, grid.reshape(37, 37)[:19, :19].mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot pool a 3x3 patch grid to 4x4"):
+        st.pooling_matrix(3, 3, 4)
+    with pytest.raises(ValueError, match="vision_pool = 'max'"):
+        tiny_cfg(vision_pool="max")
+
+
+def test_generation_equals_argmax_loop_on_compact_sequence():
+    model = st.Student(tiny_cfg(num_latents=2), rngs=nnx.Rngs(1))
+    images, prompt, pm, _, _ = batch()
+    steps, eos = 5, 2
+    with jax.default_matmul_precision("highest"):
+        toks, lengths = model.generate(jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm),
+                                       max_new_tokens=steps, eos_id=eos, pad_id=0)
+        seqs, n = _compact_rows(model, _vision(model, images), prompt, pm)
+        seqs = jnp.pad(seqs, ((0, 0), (0, steps), (0, 0)))
+        rows = np.arange(B * Q)
+        want = np.zeros((B * Q, steps), np.int64)
+        for t in range(steps):  # no cache: rerun the whole (growing) sequence every step
+            logits = model.decoder.logits(_hidden(model.decoder, seqs))
+            nxt = np.asarray(jnp.argmax(logits[rows, n - 1], -1))
+            want[:, t] = nxt
+            seqs = seqs.at[rows, n].set(model.decoder.embed(jnp.asarray(nxt)[:, None])[:, 0])
+            n = n + 1
+    got = np.asarray(toks).reshape(B * Q, steps)
+    for r in range(B * Q):
+        stop = list(want[r]).index(eos) + 1 if eos in want[r] else steps
+        assert got[r, :stop].tolist() == want[r, :stop].tolist(), (r, got[r], want[r])
+        assert (got[r, stop:] == 0).all() and int(np.asarray(lengths).reshape(-1)[r]) == stop
+
+
+def test_latent_diagnostic():
+    model = st.Student(tiny_cfg(num_latents=3), rngs=nnx.Rngs(0))
+    images, prompt, pm, _, _ = batch()
+    d = model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)
+    assert d["lm_head_argmax"].shape == (B, Q, 3) and d["embedding_nearest"].shape == (3,)
+    # Setting a latent to a token's embedding makes that token its nearest neighbour.
+    model.latents[...] = model.latents[...].at[1].set(model.decoder.embedding[...][17] * 3.0)
+    assert int(model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)["embedding_nearest"][1]) == 17
+    with pytest.raises(ValueError, match="no latent tokens"):
+        st.Student(tiny_cfg(num_latents=0), rngs=nnx.Rngs(0)).latent_nearest_tokens(images, prompt, pm)
+
+
+def test_question_longer_than_context_is_named():
+    cfg = tiny_cfg()
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=20))
+    model = st.Student(cfg, rngs=nnx.Rngs(0))
+    images, prompt, pm, answer, am = batch()
+    with pytest.raises(ValueError, match=r"student sequence of 27 tokens \(8 vision \+ 8 latent \+ 7 question"
+                                         r" \+ 4 answer\) exceeds the decoder context max_position_embeddings = 20"):
+        model(jnp.asarray(images), prompt, pm, answer, am)
+
+
+def test_paper_preset_size():
+    c = student_configs.get_config("paper")
+    cfg = st.config_from(c.model, c.data.image_size)
+    model = nnx.eval_shape(lambda: st.Student(cfg, rngs=nnx.Rngs(0)))
+    counts = st.parameter_breakdown(model)
+    total = sum(counts.values())
+    assert abs(total / 2.29e9 - 1) <= 0.02, counts
+    assert counts["aggregator"] == 909_112_320  # VGGT-1B aggregator, exactly
+    assert counts["depth_head"] == 32_654_562  # VGGT-1B depth head, exactly
+    teacher = json.loads(MANIFEST.read_text())["total_params"]
+    assert teacher / total >= 3.0
+
