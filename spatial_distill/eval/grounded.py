@@ -1,0 +1,130 @@
+"""Grounded spatial-QA accuracy: the student's generated answers against the geometry.
+
+The paper scores a question "correct" when student and teacher both do or both don't contain a
+keyword; no ground truth is involved (reference/paper.md §1.6). Here every question of a held-out
+scene has a grounded answer computed from exact geometry (`gt_answer` in the records), the
+student answers it by greedy decoding exactly as at deployment (vision prefix + latents +
+question, KV cache), and the first word of its answer must equal the grounded answer. The
+teacher's greedy answers are scored the same way, so `retention/<kind>` = student / teacher.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+
+import numpy as np
+from flax import nnx
+
+from data_pipelines import teacher_records as tr
+from spatial_distill.models.student import Student
+from spatial_distill.tokenizer import Tokenizer
+
+
+def first_word(text: str) -> str:
+    m = re.search(r"[a-z0-9]+", text.lower())
+    return m.group(0) if m else ""
+
+
+def _records(records_dir: str, split: str):
+    meta = tr.read_meta(records_dir)
+    if split not in meta.splits:
+        raise ValueError(f"{records_dir}: no {split!r} split in teacher_meta.json (has "
+                         f"{sorted(meta.splits)}); run the dump stage")
+    for path in tr.finished_shards(records_dir, split, meta.splits[split]["num_shards"]):
+        yield from tr.read_shard(path, meta)
+
+
+def _chunks(records, batch_size: int):
+    chunk = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _arrays(chunk, batch_size, max_questions, max_prompt_len):
+    s0 = chunk[0].sample
+    images = np.zeros((batch_size,) + s0.rgb.shape, np.uint8)
+    prompt = np.zeros((batch_size, max_questions, max_prompt_len), np.int32)
+    mask = np.zeros_like(prompt, bool)
+    for b, rec in enumerate(chunk):
+        images[b] = rec.sample.rgb
+        if len(rec.answers) > max_questions:
+            raise ValueError(f"sample {rec.sample.sample_id!r} has {len(rec.answers)} questions, more "
+                             f"than config.input.max_questions = {max_questions}")
+        for q, ans in enumerate(rec.answers):
+            n = len(ans.prompt_ids)
+            if n > max_prompt_len:
+                raise ValueError(f"sample {rec.sample.sample_id!r} question {q} has {n} prompt tokens, "
+                                 f"more than config.input.max_prompt_len = {max_prompt_len}")
+            prompt[b, q, :n] = ans.prompt_ids
+            mask[b, q, :n] = True
+    return images, prompt, mask
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "eos_id", "pad_id"))
+def _answer(model: Student, images, prompt, mask, max_new_tokens, eos_id, pad_id):
+    return model.generate(images, prompt, mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                          pad_id=pad_id)
+
+
+def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: str = "eval",
+             batch_size: int = 8, max_questions: int, max_prompt_len: int,
+             max_new_tokens: int = 4, predictions_path: str | None = None) -> dict:
+    """Accuracy per QA kind of the student and of the teacher's stored answers vs the geometry."""
+    right = collections.Counter()
+    teacher_right = collections.Counter()
+    total = collections.Counter()
+    out = open(predictions_path, "w") if predictions_path else None
+    try:
+        for chunk in _chunks(_records(records_dir, split), batch_size):
+            # Fixed shapes (one compilation): a short last chunk is padded with question-less rows.
+            images, prompt, mask = _arrays(chunk, batch_size, max_questions, max_prompt_len)
+            tokens, _ = _answer(model, images, prompt, mask, max_new_tokens, tokenizer.eos_id,
+                                tokenizer.pad_id)
+            tokens = np.asarray(tokens)
+            for b, rec in enumerate(chunk):
+                for q, (qa, ans) in enumerate(zip(rec.sample.qa, rec.answers)):
+                    said = first_word(tokenizer.decode(tokens[b, q]))
+                    teacher_said = first_word(tokenizer.decode(ans.answer_ids))
+                    gt = first_word(ans.gt_answer)
+                    total[qa.kind] += 1
+                    right[qa.kind] += said == gt
+                    teacher_right[qa.kind] += teacher_said == gt
+                    if out:
+                        out.write(json.dumps({"sample_id": rec.sample.sample_id, "kind": qa.kind,
+                                              "question": qa.question, "answer": said, "gt": gt,
+                                              "teacher": teacher_said}) + "\n")
+    finally:
+        if out:
+            out.close()
+    if not total:
+        raise ValueError(f"{records_dir}: split {split!r} holds no questions to evaluate")
+    metrics = {}
+    for kind in sorted(total):
+        metrics[f"grounded/{kind}_acc"] = right[kind] / total[kind]
+        metrics[f"grounded/{kind}_n"] = total[kind]
+        metrics[f"teacher/{kind}_acc"] = teacher_right[kind] / total[kind]
+        if teacher_right[kind]:
+            metrics[f"retention/{kind}"] = right[kind] / teacher_right[kind]
+    n = sum(total.values())
+    metrics["grounded/overall_acc"] = sum(right.values()) / n
+    metrics["teacher/overall_acc"] = sum(teacher_right.values()) / n
+    metrics["grounded/overall_n"] = n
+    return metrics
+
+
+def write_metrics(metrics: dict, eval_dir: str) -> str:
+    os.makedirs(eval_dir, exist_ok=True)
+    path = os.path.join(eval_dir, "metrics.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
