@@ -17,7 +17,7 @@ from configs import common
 
 PRESETS = {
     "tiny": dict(
-        image_size=112, train=1000, eval=200, batch=8, steps=300, vocab=512,
+        image_size=112, train=1000, eval=200, batch=8, steps=300, vocab=384,
         vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4),
         decoder=dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=352, context=512),
         depth=dict(features=32, out_channels=(16, 32, 64, 64), layers=(0, 1, 2, 3)),

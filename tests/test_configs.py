@@ -29,7 +29,7 @@ def test_config_is_locked_against_typos():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("train.steps", -1, r"config.train.steps = -1: must be >= 0"),
-    ("teacher.k", 600, r"config.teacher.k = 600: must be between 1 and the vocabulary size 512"),
+    ("teacher.k", 600, r"config.teacher.k = 600: must be between 1 and the vocabulary size 384"),
     ("data.image_size", 100, r"config.data.image_size = 100: must be a positive multiple"),
     ("mode", "fly", r"config.mode = 'fly': must be one of"),
     ("tokenizer.vocab_size", 1000, r"config.tokenizer.vocab_size = 1000"),
