@@ -3,7 +3,6 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from spatial_distill import prepare
 from spatial_distill.eval import grounded
@@ -25,7 +24,7 @@ def _small_student(c):
                               decoder=dataclasses.replace(cfg.decoder, num_layers=1, hidden_size=32,
                                                           num_heads=2, num_kv_heads=2,
                                                           intermediate_size=64))
-    return st.Student(cfg, rngs=nnx.Rngs(0))
+    return st.create(cfg, 0)
 
 
 def test_first_word():

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def tiny_cfg(**overrides) -> st.StudentConfig:
                                         num_heads=4, num_kv_heads=2, intermediate_size=64)
     cfg = dataclasses.replace(cfg, decoder=small_decoder, det_head=None, depth_head=None)
     return dataclasses.replace(cfg, **overrides)
+
+
+@nnx.jit
+def forward(model, images, prompt, pm, answer, am):
+    return model(images, prompt, pm, answer, am)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(seed=0, **overrides) -> st.Student:
+    """Tests that only read a model share one (init compiles once per configuration)."""
+    return st.create(tiny_cfg(**overrides), seed)
 
 
 def batch(seed=0):
@@ -84,11 +96,11 @@ def compact_reference(model: st.Student, images, prompt, pm, answer, am):
 @pytest.mark.parametrize("position", ["before_question", "after_question"])
 @pytest.mark.parametrize("latents", [0, 3])
 def test_padded_layout_equals_compact_sequence(position, latents):
-    model = st.Student(tiny_cfg(num_latents=latents, latent_position=position), rngs=nnx.Rngs(0))
+    model = cached_model(num_latents=latents, latent_position=position)
     images, prompt, pm, answer, am = batch()
     with jax.default_matmul_precision("highest"):
-        out = model(jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm), jnp.asarray(answer),
-                    jnp.asarray(am))
+        out = forward(model, jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm),
+                      jnp.asarray(answer), jnp.asarray(am))
         ref = compact_reference(model, images, prompt, pm, answer, am)
     got = np.asarray(out["answer_hidden"]) * am[..., None]
     np.testing.assert_allclose(got, ref, atol=2e-5)
@@ -96,7 +108,7 @@ def test_padded_layout_equals_compact_sequence(position, latents):
 
 
 def test_answer_token_change_never_reaches_earlier_positions():
-    model = st.Student(tiny_cfg(), rngs=nnx.Rngs(0))
+    model = cached_model()
     images, prompt, pm, answer, am = batch()
     am[:] = True
     answer = np.where(am, np.maximum(answer, 4), 0)
@@ -110,21 +122,21 @@ def test_answer_token_change_never_reaches_earlier_positions():
 
 
 def test_latents_change_the_answer_and_zero_latents_disable_the_feature():
-    model = st.Student(tiny_cfg(num_latents=4), rngs=nnx.Rngs(0))
+    model = st.create(tiny_cfg(num_latents=4), 0)
     images, prompt, pm, answer, am = batch()
-    run = lambda m: np.asarray(m.answer_logits(m(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]))
+    run = lambda m: np.asarray(m.answer_logits(forward(m, jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]))
     base = run(model)
     model.latents[...] = model.latents[...] + 0.5
     assert np.abs(run(model) - base).max() > 1e-3
     # K = 0 builds no latent parameter and matches the bare decoder (checked exactly above).
-    plain = st.Student(tiny_cfg(num_latents=0), rngs=nnx.Rngs(0))
+    plain = cached_model(num_latents=0)
     assert plain.latents is None
     assert not any("latents" in str(p) for p, _ in nnx.state(plain, nnx.Param).flat_state())
 
 
 def test_latent_init_scale_and_determinism():
-    a = st.Student(tiny_cfg(num_latents=512), rngs=nnx.Rngs(3))
-    b = st.Student(tiny_cfg(num_latents=512), rngs=nnx.Rngs(3))
+    a = st.create(tiny_cfg(num_latents=512), 3)
+    b = st.create(tiny_cfg(num_latents=512), 3)
     lat = np.asarray(a.latents[...])
     assert abs(lat.std() - 0.02) < 0.002 and abs(lat.mean()) < 0.002
     for (pa, va), (pb, vb) in zip(nnx.state(a).flat_state(), nnx.state(b).flat_state()):
@@ -134,13 +146,13 @@ def test_latent_init_scale_and_determinism():
 
 def test_bf16_forward_close_to_f32():
     cfg = tiny_cfg()
-    f32 = st.Student(cfg, rngs=nnx.Rngs(0))
+    f32 = cached_model()
     bf16_cfg = dataclasses.replace(cfg, vision_dtype="bfloat16",
                                    decoder=dataclasses.replace(cfg.decoder, dtype=jnp.bfloat16))
-    bf16 = st.Student(bf16_cfg, rngs=nnx.Rngs(0))
+    bf16 = st.create(bf16_cfg, 0)
     images, prompt, pm, answer, am = batch()
-    a = f32(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
-    b = bf16(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
+    a = forward(f32, jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
+    b = forward(bf16, jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"]
     assert b.dtype == jnp.bfloat16
     err = np.abs(np.asarray(b, np.float32) - np.asarray(a)) * am[..., None]
     assert err.max() < 0.1, err.max()  # RMS-normed hidden states, bf16 has 8 mantissa bits
@@ -149,9 +161,9 @@ def test_bf16_forward_close_to_f32():
 def test_heads_and_mean1_pooling_shapes():
     c = student_configs.get_config("tiny")
     cfg = dataclasses.replace(st.config_from(c.model, 56), vision_pool="mean1")
-    model = st.Student(cfg, rngs=nnx.Rngs(0))
+    model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
-    out = model(jnp.asarray(images), prompt, pm, answer, am)
+    out = forward(model, jnp.asarray(images), prompt, pm, answer, am)
     assert out["vision_tokens"].shape == (B, 1, 128)
     assert out["depth"].shape == (B, S, 56, 56) and out["depth_conf"].shape == (B, S, 56, 56)
     assert float(out["depth"].min()) > 0 and float(out["depth_conf"].min()) > 1
@@ -171,7 +183,7 @@ def test_pooling_matrix_is_adaptive_average():
 
 
 def test_generation_equals_argmax_loop_on_compact_sequence():
-    model = st.Student(tiny_cfg(num_latents=2), rngs=nnx.Rngs(1))
+    model = st.create(tiny_cfg(num_latents=2), 1)
     images, prompt, pm, _, _ = batch()
     steps, eos = 5, 2
     with jax.default_matmul_precision("highest"):
@@ -195,7 +207,7 @@ def test_generation_equals_argmax_loop_on_compact_sequence():
 
 
 def test_latent_diagnostic():
-    model = st.Student(tiny_cfg(num_latents=3), rngs=nnx.Rngs(0))
+    model = st.create(tiny_cfg(num_latents=3), 0)
     images, prompt, pm, _, _ = batch()
     d = model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)
     assert d["lm_head_argmax"].shape == (B, Q, 3) and d["embedding_nearest"].shape == (3,)
@@ -203,13 +215,13 @@ def test_latent_diagnostic():
     model.latents[...] = model.latents[...].at[1].set(model.decoder.embedding[...][17] * 3.0)
     assert int(model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)["embedding_nearest"][1]) == 17
     with pytest.raises(ValueError, match="no latent tokens"):
-        st.Student(tiny_cfg(num_latents=0), rngs=nnx.Rngs(0)).latent_nearest_tokens(images, prompt, pm)
+        cached_model(num_latents=0).latent_nearest_tokens(images, prompt, pm)
 
 
 def test_question_longer_than_context_is_named():
     cfg = tiny_cfg()
     cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=20))
-    model = st.Student(cfg, rngs=nnx.Rngs(0))
+    model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
     with pytest.raises(ValueError, match=r"student sequence of 27 tokens \(8 vision \+ 8 latent \+ 7 question"
                                          r" \+ 4 answer\) exceeds the decoder context max_position_embeddings = 20"):
@@ -219,7 +231,7 @@ def test_question_longer_than_context_is_named():
 def test_paper_preset_size():
     c = student_configs.get_config("paper")
     cfg = st.config_from(c.model, c.data.image_size)
-    model = nnx.eval_shape(lambda: st.Student(cfg, rngs=nnx.Rngs(0)))
+    model = st.create(cfg, abstract=True)
     counts = st.parameter_breakdown(model)
     total = sum(counts.values())
     assert abs(total / 2.29e9 - 1) <= 0.02, counts

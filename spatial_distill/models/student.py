@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -115,15 +115,21 @@ class Student(nnx.Module):
         self.cfg = cfg
         vision_width = 2 * cfg.aggregator.embed_dim
         d = cfg.decoder.hidden_size
+        # Everything but the scanned decoder draws from a ref-backed stream: with a plain count,
+        # each draw under tracing (jit, eval_shape) scans the whole trace, which is quadratic in
+        # model size (minutes for the paper preset). The decoder splits its stream per scanned
+        # layer, which a ref-backed count cannot do, so it keeps `rngs`.
+        with nnx.var_defaults(ref=True):
+            fast = nnx.Rngs(params=rngs.params())
         self.aggregator = Aggregator(cfg.aggregator, cfg.patch_embed, dtype=jnp.dtype(cfg.vision_dtype),
-                                     remat=cfg.remat_vision, rngs=rngs)
-        self.proj_in = _dense(vision_width, d, ("embed", "mlp"), rngs)
-        self.proj_out = _dense(d, d, ("mlp", "embed"), rngs)
+                                     remat=cfg.remat_vision, rngs=fast)
+        self.proj_in = _dense(vision_width, d, ("embed", "mlp"), fast)
+        self.proj_out = _dense(d, d, ("mlp", "embed"), fast)
         self.decoder = Llama(cfg.decoder, rngs=rngs)
         self.latents = (nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(
-            rngs.params(), (cfg.num_latents, d))) if cfg.num_latents else None)
-        self.depth_head = DPTHead(cfg.depth_head, rngs=rngs) if cfg.depth_head else None
-        self.det_head = DetectionHead(cfg.det_head, vision_width, rngs=rngs) if cfg.det_head else None
+            fast.params(), (cfg.num_latents, d))) if cfg.num_latents else None)
+        self.depth_head = DPTHead(cfg.depth_head, rngs=fast) if cfg.depth_head else None
+        self.det_head = DetectionHead(cfg.det_head, vision_width, rngs=fast) if cfg.det_head else None
 
     # -- vision --------------------------------------------------------------------------------
     def _layers_needed(self) -> list[int]:
@@ -325,3 +331,30 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
                          depth_head=depth, det_head=det, vision_pool=model.vision_pool,
                          num_latents=model.num_latents, latent_position=model.latent_position,
                          freeze_vision=v.frozen, vision_dtype=v.dtype, remat_vision=v.remat)
+
+
+def create(cfg: StudentConfig, seed: int = 0, *, abstract: bool = False) -> Student:
+    """Builds a Student with random weights from `seed` (or only its shapes: `abstract=True`).
+
+    Initialisation is compiled once instead of being run op by op (which compiles a kernel per
+    parameter shape). On CPU the init program is compiled without LLVM's expensive passes: it
+    runs once, and XLA:CPU otherwise spends ~4x longer optimising its threefry graph than the
+    whole init takes to run.
+    """
+
+    def build():
+        return Student(cfg, rngs=nnx.Rngs(seed))
+
+    shapes = nnx.eval_shape(build)
+    if abstract:
+        return shapes
+    graphdef, _ = nnx.split(shapes)
+    return nnx.merge(graphdef, init_program(lambda: nnx.state(build()))())
+
+
+def init_program(fn, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled for a one-off run (cheap compile on CPU)."""
+    lowered = jax.jit(fn, **jit_kwargs).lower()
+    options = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+               if jax.default_backend() == "cpu" else None)
+    return lowered.compile(compiler_options=options)
