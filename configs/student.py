@@ -62,7 +62,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.kind = "oracle"  # the synthetic-data oracle (answers from GT, calibrated)
     c.teacher.k = 32  # top-K log-probs stored per answer token
-    c.teacher.temperature = 1.0  # temperature of the stored teacher distribution
+    # Temperature of the stored teacher distribution; the KD loss uses the same (records store
+    # log-probs at it). The paper uses 3; the tiny preset's 384-entry vocabulary would turn a
+    # T=3 oracle distribution into mostly uniform mass, so it distils at 1.
+    c.teacher.temperature = 1.0 if preset == "tiny" else 3.0
     c.teacher.records_dir = config_dict.placeholder(str)  # None -> WORKDIR/records
     c.teacher.num_shards = 4  # per split; a multiple of the process count
     # Oracle calibration: P(correct answer) = sigmoid(margin / scale) mixed towards
@@ -96,7 +99,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.7  # KD weight; 1 - alpha goes to CE on the teacher's greedy answer
-    c.loss.temperature = 3.0  # KD temperature (paper config)
+    c.loss.temperature = c.teacher.temperature  # KD temperature (must equal the dump's)
     c.loss.tail = "bucket"  # bucket | renormalize | ignore
     c.loss.chunked = True  # never form full fp32 [tokens, vocab] logits
     c.loss.chunk_size = 8192

@@ -1,0 +1,203 @@
+"""Orbax checkpoints of the train state, with what is needed to resume exactly and to refuse a
+checkpoint that does not fit.
+
+`WORKDIR/checkpoints/<step>/` holds two items:
+  state  the `TrainState` as a dict (params incl. the Kendall log-variances, optimizer state,
+         step, RNG key, DWA history, non-finite counters), written by every process for its shards
+  meta   JSON: the full config, the code version (`spatial_distill.__version__` + git commit),
+         `scan_layers`, and `input`: one input-pipeline position per process
+Saving is asynchronous (orbax copies the arrays to host memory, then writes in a thread); a step
+directory appears only once complete, so a run killed mid-save resumes from the previous one.
+
+Refusals, each naming what differs, and deleting nothing:
+- `check_same_model`: the stored config's `model` section differs from this run's (fields that do
+  not change parameters — compute dtypes, remat, `vision.frozen` — may differ);
+- `check_shapes`: a stored parameter's shape differs from the model's, or a parameter is missing
+  or unexpected (e.g. a checkpoint of another preset loaded by `load_params`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+import spatial_distill
+
+# Model fields that change how the model computes but not its parameters.
+NON_STRUCTURAL = ("vision.dtype", "vision.remat", "vision.frozen", "decoder.dtype",
+                  "decoder.remat_policy")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run; the message says what differs and the fix."""
+
+
+def code_version() -> dict:
+    """`{"version": ..., "git_commit": ... or None}` of the code that writes a checkpoint."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(spatial_distill.__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": spatial_distill.__version__, "git_commit": commit}
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def check_same_model(stored_config: Mapping, config: ml_collections.ConfigDict, where: str) -> None:
+    """Raises CheckpointError when the stored `model` section differs from `config.model`."""
+    old = _flatten(stored_config.get("model", {}))
+    new = _flatten(config_dict(config)["model"])
+    diffs = [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+             if k not in NON_STRUCTURAL and _norm(old.get(k, "<absent>")) != _norm(new.get(k, "<absent>"))]
+    if diffs:
+        listed = "; ".join(f"model.{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in diffs[:8])
+        raise CheckpointError(
+            f"{where} holds a checkpoint of another model ({listed}"
+            f"{'; ...' if len(diffs) > 8 else ''}). Nothing was deleted: use another workdir, or "
+            f"the config that wrote it (preset {stored_config.get('preset')!r})")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+
+def check_shapes(stored, expected, where: str, *, prefix: str = "") -> None:
+    """Compares two trees of arrays/metadata by path; raises naming each mismatched parameter
+    with both shapes, and the missing/unexpected ones."""
+    have = {k: v for k, v in _shapes(stored).items() if k.startswith(prefix)}
+    want = {k: v for k, v in _shapes(expected).items() if k.startswith(prefix)}
+    bad = [f"{k}: checkpoint {have[k]} vs model {want[k]}"
+           for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if bad or missing or unexpected:
+        parts = []
+        if bad:
+            parts.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:6]))
+        if missing:
+            parts.append(f"{len(missing)} parameter(s) missing from the checkpoint: {missing[:4]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected parameter(s): {unexpected[:4]}")
+        raise CheckpointError(f"{where} does not fit this model (another preset or architecture?): "
+                              + " | ".join(parts))
+
+
+class Checkpointer:
+    """`CheckpointManager` over `directory` keeping the newest `keep` steps."""
+
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        # Handlers named up front, so a fresh manager can read the metadata of an old step.
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: Mapping, meta: Mapping, *, force: bool = True) -> None:
+        """Starts an async save of `state` (dict of arrays) and `meta` (JSON) at `step`."""
+        self._mgr.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(dict(meta))),
+            force=force)
+
+    def meta(self, step: int) -> dict:
+        return self._mgr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def stored_shapes(self, step: int):
+        return self._mgr.item_metadata(int(step))["state"]
+
+    def restore(self, step: int, abstract_state: Mapping) -> dict:
+        """The state at `step`, placed per the shardings of `abstract_state`
+        (`jax.ShapeDtypeStruct`s with `.sharding`); parameter shapes are checked first."""
+        where = f"checkpoint {self.directory}/{step}"
+        check_shapes(self.stored_shapes(step)["params"], abstract_state["params"], where)
+        restored = self._mgr.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(dict(abstract_state))))
+        return restored.state
+
+    def restore_params(self, step: int, abstract_params: Mapping) -> dict:
+        """Only `params` (a partial restore: the optimizer state is never read)."""
+        target = {"params": dict(abstract_params)}
+        # A PyTree handler reads the same files and, unlike the standard one, restores a subtree.
+        reader = ocp.CheckpointManager(self.directory, item_handlers={
+            "state": ocp.PyTreeCheckpointHandler()}, options=ocp.CheckpointManagerOptions(
+                read_only=True))
+        try:
+            restored = reader.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        finally:
+            reader.close()
+        return restored.state["params"]
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+
+def load_params(directory: str, abstract_params: Mapping, step: int | None = None) -> dict:
+    """Only the params of a train checkpoint (eval/export), checked against `abstract_params`
+    (`{"student": ..., ...}` of ShapeDtypeStructs, with shardings to place them)."""
+    ckpt = Checkpointer(directory, keep=1_000_000, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: no checkpoint found; train first")
+        stored = ckpt.stored_shapes(step)["params"]
+        stored = {k: v for k, v in stored.items() if k in abstract_params}
+        check_shapes(stored, abstract_params, f"checkpoint {directory}/{step}")
+        return ckpt.restore_params(step, abstract_params)
+    finally:
+        ckpt.close()
+
+
+def input_positions(local: dict) -> list[dict]:
+    """Every process's input-pipeline position (all processes call this together)."""
+    if jax.process_count() == 1:
+        return [dict(local)]
+    from jax.experimental import multihost_utils
+
+    pos = multihost_utils.process_allgather(np.array([local["epoch"], local["batch"]], np.int64))
+    return [{**local, "process_index": p, "epoch": int(e), "batch": int(b)}
+            for p, (e, b) in enumerate(np.asarray(pos).reshape(-1, 2))]

@@ -1,0 +1,341 @@
+"""The loss over a batch, the optimizer, and the train/eval steps (pure functions for `jax.jit`).
+
+A batch is the input pipeline's dict (`data_pipelines/input_pipeline.py`) as global arrays. Per
+step the student runs once on `rgb / 255` and every question of the sample, and the enabled tasks
+are combined by `config.loss.weighting`:
+
+  text   `kd_loss` on the answer tokens of real questions (`answer_mask & question_mask`)
+  depth  confidence-weighted L1 + gradient loss against the GT depth (when `loss.depth` and the
+         depth head is enabled)
+  det    Hungarian-matched 3D box loss (when `loss.detection` and the detection head is enabled),
+         GT boxes moved into camera 0's gravity-aligned frame (`boxes_in_camera0_frame`)
+
+The train state is a pytree (`TrainState`): params `{"student": ..., "kendall": ...}` as plain
+nested dicts (the nnx state's pure form: orbax and optax see ordinary trees), the optax state, the
+step, an RNG key, the DWA loss history and the non-finite counters. The NaN/inf guard lives in the
+step: a non-finite loss or gradient norm keeps params and optimizer state as they were and only
+advances `step` and the counters; the loop decides when to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from spatial_distill import sharding
+from spatial_distill.losses import weighting
+from spatial_distill.losses.depth import depth_loss
+from spatial_distill.losses.detection import detection_loss
+from spatial_distill.losses.distill import kd_loss
+from spatial_distill.sharding import constrain
+
+WEIGHTINGS = ("kendall", "static", "dwa")
+# The paper's static ablation weights (text 1, depth regression .15, detection .35).
+STATIC_WEIGHTS = {"text": 1.0, "depth": 0.15, "det": 0.35}
+# Clamp of the Kendall log-variances s_i: weights exp(-s) stay within ~[0.02, 55].
+KENDALL_RANGE = (-4.0, 4.0)
+DWA_TEMPERATURE = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Static loss settings (hashable: part of the jitted step's closure)."""
+
+    tasks: tuple[str, ...]
+    weighting: str
+    alpha: float
+    temperature: float
+    tail: str
+    chunked: bool
+    chunk_size: int
+    kendall_range: tuple[float, float] = KENDALL_RANGE
+
+
+def loss_spec(config: ml_collections.ConfigDict, *,
+              kendall_range: tuple[float, float] = KENDALL_RANGE) -> LossSpec:
+    """The tasks the config enables and how they are weighted."""
+    lc = config.loss
+    if lc.weighting not in WEIGHTINGS:
+        raise ValueError(f"config.loss.weighting = {lc.weighting!r}: must be one of {WEIGHTINGS}")
+    tasks = ["text"]
+    if lc.depth and config.model.depth_head.enabled:
+        tasks.append("depth")
+    if lc.detection and config.model.det_head.enabled:
+        tasks.append("det")
+    return LossSpec(tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
+                    temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
+                    chunk_size=int(lc.chunk_size), kendall_range=tuple(kendall_range))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames and the loss over a batch.
+
+
+def _wrap_angle(a):
+    return (a + jnp.pi) % (2 * jnp.pi) - jnp.pi
+
+
+def boxes_in_camera0_frame(boxes: jax.Array, cam_to_world: jax.Array) -> jax.Array:
+    """World boxes `[B, N, 7]` -> camera 0's gravity-aligned frame, per sample.
+
+    The images fix the scene only up to where camera 0 stands and which way it looks: the world
+    origin and heading are arbitrary choices of the data source. So the detection targets live in
+    a frame with its origin at camera 0's centre, z = world z (up), x = the horizontal direction
+    camera 0 looks along (its optical axis projected on the floor plane), y = z × x (to its left).
+    A camera looking straight down has no horizontal optical axis; its image "up" direction
+    (−y of the OpenCV camera) is used instead. Yaw becomes yaw − heading, wrapped to [−π, π).
+
+    cam_to_world: `[B, S, 4, 4]` OpenCV camera -> world (world z up); only view 0 is read.
+    """
+    pose = cam_to_world[:, 0].astype(jnp.float32)  # [B, 4, 4]
+    centre = pose[:, :3, 3]
+    forward, up_img = pose[:, :3, 2], -pose[:, :3, 1]
+    flat = jnp.hypot(forward[:, 0], forward[:, 1]) < 1e-6
+    axis = jnp.where(flat[:, None], up_img, forward)
+    heading = jnp.arctan2(axis[:, 1], axis[:, 0])  # [B]
+    c, s = jnp.cos(heading)[:, None], jnp.sin(heading)[:, None]
+    d = boxes[..., :3].astype(jnp.float32) - centre[:, None, :]
+    x = c * d[..., 0] + s * d[..., 1]
+    y = -s * d[..., 0] + c * d[..., 1]
+    yaw = _wrap_angle(boxes[..., 6] - heading[:, None])
+    return jnp.concatenate([jnp.stack([x, y, d[..., 2]], -1), boxes[..., 3:6], yaw[..., None]], -1)
+
+
+def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
+    """Per-task losses (scalars) and their diagnostic metrics for one (micro-)batch.
+
+    model: a `Student`; batch: the input pipeline's keys (rgb uint8 `[B, S, H, W, 3]`, ...).
+    """
+    images = batch["rgb"].astype(jnp.float32) / 255.0
+    out = model(images, batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
+                batch["answer_mask"])
+    mask = batch["answer_mask"] & batch["question_mask"][..., None]
+    text, metrics = kd_loss(
+        out["answer_hidden"], model.decoder.lm_head_kernel(), batch["topk_ids"],
+        batch["topk_logprobs"], batch["answer_ids"], mask, alpha=spec.alpha,
+        temperature=spec.temperature, tail=spec.tail, chunked=spec.chunked,
+        chunk_size=spec.chunk_size)
+    losses = {"text": text}
+    metrics = dict(metrics)
+    metrics["aux/text"] = text
+    if "depth" in spec.tasks:
+        losses["depth"], m = depth_loss(out["depth"], out["depth_conf"], batch["depth"])
+        metrics.update(m, **{"aux/depth": losses["depth"]})
+    if "det" in spec.tasks:
+        gt = boxes_in_camera0_frame(batch["boxes"], batch["cam_to_world"])
+        losses["det"], m = detection_loss(out["det_logits"], out["det_boxes"], gt, batch["labels"],
+                                          batch["box_mask"])
+        metrics.update(m, **{"aux/det": losses["det"]})
+    return losses, metrics
+
+
+def combine(losses, kendall_params, dwa_state, spec: LossSpec):
+    """Weighted total, `weights/<task>` metrics and the DWA state after this step."""
+    if spec.weighting == "kendall":
+        s = kendall_params["log_vars"]
+        total, m = weighting.kendall(
+            losses, {t: s[i] for i, t in enumerate(spec.tasks)},
+            forms={t: weighting.DEFAULT_FORMS[t] for t in spec.tasks},
+            s_min=spec.kendall_range[0], s_max=spec.kendall_range[1])
+        return total, m, dwa_state
+    if spec.weighting == "static":
+        total, m = weighting.static(losses, {t: STATIC_WEIGHTS[t] for t in spec.tasks})
+        return total, m, dwa_state
+    total, m, new_state = weighting.dwa(losses, dwa_state, temperature=DWA_TEMPERATURE)
+    return total, m, new_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state and optimizer.
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 []: batches consumed (updates applied + non-finite steps skipped)
+    params: dict  # {"student": nnx pure dict, "kendall": {"log_vars": [tasks]}} (kendall only)
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 [2] key; the student has no stochastic layer, so it is carried as is
+    dwa: weighting.DWAState | None
+    nonfinite_run: jax.Array  # int32 []: consecutive non-finite steps ending at `step`
+    nonfinite_total: jax.Array  # int32 []: all skipped steps
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to `train.learning_rate` over `warmup_steps`, then cosine to 0 at
+    `train.steps` (a run shorter than its warmup only warms up)."""
+    t = config.train
+    warmup = max(int(t.warmup_steps), 0)
+    decay = optax.cosine_decay_schedule(t.learning_rate, max(int(t.steps) - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
+
+
+def param_labels(params: dict, *, frozen_vision: bool) -> dict:
+    """"frozen" for the VGGT aggregator when `model.vision.frozen`, "train" elsewhere."""
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return "frozen" if frozen_vision and keys[:2] == ["student", "aggregator"] else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _decay_mask(params: dict) -> dict:
+    # Weight decay on matrices only: decaying norms, biases, latents' scale or the Kendall
+    # log-variances towards 0 is not a regulariser, it is a bias.
+    def decays(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        return keys[0] == "student" and x.ndim >= 2 and keys[-1] not in ("latents",)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: dict):
+    """(optax transform, lr schedule): global-norm clipping, AdamW, frozen vision masked out.
+
+    params: the (abstract) params tree, for the masks.
+    """
+    t = config.train
+    schedule = learning_rate_schedule(config)
+    adamw = optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask(params)))
+    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                               param_labels(params, frozen_vision=bool(config.model.vision.frozen)))
+    return tx, schedule
+
+
+def init_state(key: jax.Array, tx, spec: LossSpec, build_model) -> TrainState:
+    """A fresh train state. `build_model(key)` builds the Student (inside jit: sharded init)."""
+    model = build_model(key)
+    student = nnx.state(model).to_pure_dict()
+    params = {"student": student}
+    if spec.weighting == "kendall":
+        params["kendall"] = {"log_vars": jnp.zeros((len(spec.tasks),), jnp.float32)}
+    dwa = weighting.dwa_init(spec.tasks) if spec.weighting == "dwa" else None
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                      rng=jax.random.fold_in(key, 1), dwa=dwa, nonfinite_run=zero,
+                      nonfinite_total=zero)
+
+
+def state_shardings(abstract: TrainState, abstract_model_state: nnx.State, mesh, rules,
+                    tx) -> TrainState:
+    """NamedShardings for every leaf of the train state, from the parameters' logical names
+    (`sharding.state_shardings`): optimizer moments follow their parameter, the rest (step, RNG,
+    counters, Kendall log-variances, DWA history) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = {"student": sharding.state_shardings(abstract_model_state, mesh, rules).to_pure_dict()}
+    if "kendall" in abstract.params:
+        params["kendall"] = jax.tree.map(lambda _: replicated, abstract.params["kendall"])
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+                                transform_non_params=lambda _: replicated)
+    rest = jax.tree.map(lambda _: replicated, abstract.replace(params=None, opt_state=None))
+    return rest.replace(params=params, opt_state=opt)
+
+
+def student_from(graphdef, abstract_state: nnx.State, pure: dict):
+    """The `Student` module for a pure params dict (cheap: runs at trace time)."""
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _split_micro(batch: Mapping[str, jax.Array], accum: int) -> dict:
+    """`[B, ...]` -> `[accum, B / accum, ...]`; micro-batch i takes rows i, i + accum, ..., so
+    every device holds an equal share of every micro-batch (rows are sharded contiguously)."""
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+        return constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def loss_and_grads(params: dict, batch, dwa_state, *, graphdef, abstract_state, spec: LossSpec,
+                   accum_steps: int = 1):
+    """(total loss, metrics, task losses, grads), averaged over `accum_steps` micro-batches."""
+    def loss_fn(p, mb):
+        model = student_from(graphdef, abstract_state, p["student"])
+        losses, metrics = task_losses(model, mb, spec)
+        total, wm, _ = combine(losses, p.get("kendall"), dwa_state, spec)
+        return total, (metrics | wm, losses)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (total, (metrics, losses)), grads = grad_fn(params, batch)
+        return total, metrics, losses, grads
+
+    def body(carry, mb):
+        (total, (metrics, losses)), grads = grad_fn(params, mb)
+        acc = jax.tree.map(jnp.add, carry, (total, metrics, losses, grads))
+        return acc, None
+
+    micro = _split_micro(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: (lambda r: (r[0][0], r[0][1][0], r[0][1][1], r[1]))(
+        grad_fn(params, first)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    summed, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / accum_steps, summed)
+
+
+def train_step(state: TrainState, batch, *, graphdef, abstract_state, tx, schedule,
+               spec: LossSpec, accum_steps: int = 1):
+    """One update (or a skipped one, when the loss or gradient is not finite).
+
+    Returns (new state, metrics dict of scalars): `learning/*`, `distill/*`, `aux/*`,
+    `weights/<task>`, `depth/*`, `det/*`.
+    """
+    total, metrics, losses, grads = loss_and_grads(
+        state.params, batch, state.dwa, graphdef=graphdef, abstract_state=abstract_state,
+        spec=spec, accum_steps=accum_steps)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    dwa = state.dwa
+    if dwa is not None:
+        dwa = jax.tree.map(keep, weighting.dwa_update(dwa, losses), dwa)
+    applied = state.step - state.nonfinite_total  # updates applied so far = the optimizer's count
+    bad = (~finite).astype(jnp.int32)
+    new = TrainState(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        rng=state.rng, dwa=dwa,
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + bad)
+    metrics = dict(metrics)
+    metrics.update({
+        "learning/loss": total,
+        "learning/grad_norm": grad_norm,
+        "learning/lr": jnp.asarray(schedule(applied), jnp.float32),
+        "learning/nonfinite_steps": new.nonfinite_total,
+        "learning/nonfinite_run": new.nonfinite_run,
+    })
+    return new, metrics
+
+
+def eval_step(params: dict, dwa_state, batch, *, graphdef, abstract_state, spec: LossSpec):
+    """Loss metrics of one batch without gradients (`learning/loss` = the weighted total)."""
+    model = student_from(graphdef, abstract_state, params["student"])
+    losses, metrics = task_losses(model, batch, spec)
+    total, wm, _ = combine(losses, params.get("kendall"), dwa_state, spec)
+    return {**metrics, **wm, "learning/loss": total}

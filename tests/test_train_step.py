@@ -1,0 +1,245 @@
+"""The loss over a batch and the train step: camera-0 frame, schedule, optimizer masks, task
+weighting, the NaN guard on a real step (text + depth + detection), gradient accumulation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from data_pipelines.synthetic import look_at
+from spatial_distill.losses import weighting
+from spatial_distill.models import student as student_lib
+from spatial_distill.train import step as step_lib
+from tests.test_trainer import tiny_config
+
+# XLA:CPU spends most of a test's time optimising these tiny programs: skip LLVM's passes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+B, S, Q, LP, LA, K, N = 2, 2, 3, 6, 4, 8, 3
+
+
+def compile_fast(fn, *args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+# ------------------------------------------------------------------------ camera 0 frame
+
+
+def test_boxes_in_camera0_frame_known_pose():
+    eye = np.array([1.0, 2.0, 1.5])
+    looking_along_y = look_at(eye, eye + np.array([0.0, 3.0, -1.0]))  # heading +90°, tilted down
+    straight_down = np.eye(4)
+    straight_down[:3, :3] = np.stack([[1.0, 0, 0], [0, -1.0, 0], [0, 0, -1.0]], axis=1)
+    straight_down[:3, 3] = eye  # no horizontal optical axis: image "up" (world +y) is the heading
+    boxes = np.array([[1.0, 5.0, 0.5, 0.4, 0.5, 0.6, 0.3],   # 3 m ahead, 1 m down
+                      [0.0, 2.0, 1.5, 1.0, 1.0, 1.0, -3.0]], np.float32)  # 1 m to the left
+    want = np.array([[3.0, 0.0, -1.0, 0.4, 0.5, 0.6, 0.3 - np.pi / 2],
+                     [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, -3.0 - np.pi / 2 + 2 * np.pi]], np.float32)
+    for pose in (looking_along_y, straight_down):
+        cams = np.stack([pose, np.eye(4)])[None].astype(np.float32)  # view 1 must not matter
+        got = step_lib.boxes_in_camera0_frame(jnp.asarray(boxes[None]), jnp.asarray(cams))
+        np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-5)
+
+
+def test_camera0_frame_ignores_the_world_origin_and_heading():
+    r = np.random.default_rng(0)
+    boxes = np.concatenate([r.uniform(-3, 3, (B, N, 3)), r.uniform(0.2, 1, (B, N, 3)),
+                            r.uniform(-np.pi, np.pi, (B, N, 1))], -1).astype(np.float32)
+    cams = np.stack([[look_at(r.uniform(-4, 4, 3), r.uniform(-1, 1, 3)) for _ in range(S)]
+                     for _ in range(B)]).astype(np.float32)
+    phi, shift = 1.1, np.array([5.0, -2.0, 0.3])
+    rz = np.array([[np.cos(phi), -np.sin(phi), 0], [np.sin(phi), np.cos(phi), 0], [0, 0, 1]])
+    moved_boxes = boxes.copy()
+    moved_boxes[..., :3] = boxes[..., :3] @ rz.T + shift
+    moved_boxes[..., 6] = boxes[..., 6] + phi
+    moved_cams = cams.copy()
+    moved_cams[..., :3, :3] = rz @ cams[..., :3, :3]
+    moved_cams[..., :3, 3] = cams[..., :3, 3] @ rz.T + shift
+    a = step_lib.boxes_in_camera0_frame(jnp.asarray(boxes), jnp.asarray(cams))
+    b = step_lib.boxes_in_camera0_frame(jnp.asarray(moved_boxes), jnp.asarray(moved_cams))
+    np.testing.assert_allclose(np.asarray(a[..., :6]), np.asarray(b[..., :6]), atol=1e-4)
+    dyaw = np.asarray(a[..., 6] - b[..., 6])
+    np.testing.assert_allclose(np.abs(np.sin(dyaw)), 0, atol=1e-5)  # equal modulo a full turn
+
+
+# ------------------------------------------------------------------------ schedule, optimizer
+
+
+def test_learning_rate_schedule():
+    c = tiny_config(**{"train.steps": 10, "train.warmup_steps": 4, "train.learning_rate": 1e-3})
+    lr = step_lib.learning_rate_schedule(c)
+    np.testing.assert_allclose([float(lr(i)) for i in (0, 2, 4, 7, 10)],
+                               [0.0, 5e-4, 1e-3, 1e-3 * 0.5 * (1 + np.cos(np.pi * 3 / 6)), 0.0],
+                               atol=1e-9)
+    short = step_lib.learning_rate_schedule(tiny_config(**{"train.steps": 2, "train.warmup_steps": 4}))
+    np.testing.assert_allclose(float(short(1)), 1e-3 / 4, rtol=1e-6)  # only warms up
+
+
+@pytest.fixture(scope="module")
+def abstract_student():
+    cfg = student_lib.config_from(tiny_config(heads=True).model, 56)
+    model = nnx.eval_shape(lambda: student_lib.Student(cfg, rngs=nnx.Rngs(0)))
+    return cfg, model
+
+
+def test_frozen_vision_gets_no_update_and_decay_skips_vectors(abstract_student):
+    _, model = abstract_student
+    params = {"student": jax.tree.map(lambda a: np.ones(a.shape, a.dtype),
+                                      nnx.state(model).to_pure_dict()),
+              "kendall": {"log_vars": np.zeros(3, np.float32)}}
+    c = tiny_config(heads=True, **{"model.vision.frozen": True, "train.warmup_steps": 0,
+                                   "train.weight_decay": 0.5})
+    tx, _ = step_lib.make_optimizer(c, params)
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.01, p.dtype), params)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+    upd = updates["student"]
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(upd["aggregator"]))
+    # AdamW's first step moves every trained parameter by lr (sign of the gradient) ...
+    np.testing.assert_allclose(np.asarray(upd["decoder"]["final_norm"]), -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(updates["kendall"]["log_vars"]), -1e-3, rtol=1e-4)
+    # ... plus lr * weight decay * param on matrices only.
+    np.testing.assert_allclose(np.asarray(upd["decoder"]["lm_head"]), -1e-3 - 1e-3 * 0.5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(upd["latents"]), -1e-3, rtol=1e-4)
+    labels = step_lib.param_labels(params, frozen_vision=False)
+    assert set(jax.tree.leaves(labels)) == {"train"}
+
+
+def test_weighting_methods():
+    losses = {"text": jnp.float32(2.0), "depth": jnp.float32(4.0), "det": jnp.float32(1.0)}
+    spec = step_lib.LossSpec(tasks=("depth", "det", "text"), weighting="kendall", alpha=0.7,
+                             temperature=3.0, tail="bucket", chunked=True, chunk_size=128)
+    s = jnp.array([1.0, -1.0, 10.0])  # depth, det, text (sorted); text is clamped to 4
+    total, m, _ = step_lib.combine(losses, {"log_vars": s}, None, spec)
+    want = 0.5 * np.exp(-1) * 4 + 0.5 + 0.5 * np.exp(1) * 1 - 0.5 + np.exp(-4) * 2 + 2
+    np.testing.assert_allclose(float(total), want, rtol=1e-6)
+    np.testing.assert_allclose(float(m["weights/text"]), np.exp(-4), rtol=1e-6)
+
+    static = spec.__class__(**{**spec.__dict__, "weighting": "static"})
+    total, m, _ = step_lib.combine(losses, None, None, static)
+    np.testing.assert_allclose(float(total), 2 + 0.15 * 4 + 0.35 * 1, rtol=1e-6)
+
+    dwa = spec.__class__(**{**spec.__dict__, "weighting": "dwa"})
+    state = weighting.dwa_init(dwa.tasks)
+    total, m, state = step_lib.combine(losses, None, state, dwa)
+    assert float(total) == 7.0 and float(m["weights/text"]) == 1.0  # no history yet: weights 1
+    _, _, state = step_lib.combine(dict(losses, text=jnp.float32(4.0)), None, state, dwa)
+    total, m, state = step_lib.combine(losses, None, state, dwa)
+    # Loss ratios of the last two steps (depth, det, text) = (1, 1, 2): w = 3 softmax(r / 2).
+    w = 3 * np.exp(np.array([1, 1, 2]) / 2) / np.exp(np.array([1, 1, 2]) / 2).sum()
+    np.testing.assert_allclose([float(m[f"weights/{t}"]) for t in dwa.tasks], w, rtol=1e-6)
+    np.testing.assert_allclose(float(total), w @ np.array([4.0, 1.0, 2.0]), rtol=1e-6)
+    assert int(state.count) == 3
+
+
+# ------------------------------------------------------------------------ a real step
+
+
+def make_batch(seed: int, vocab: int) -> dict:
+    """A valid input-pipeline batch (B=2 samples, 3 question slots of which 2 are real)."""
+    r = np.random.default_rng(seed)
+    prompt_len = np.array([[6, 3, 0], [4, 5, 0]])[..., None]
+    answer_len = np.array([[2, 4, 0], [1, 3, 0]])[..., None]
+    pm, am = np.arange(LP) < prompt_len, np.arange(LA) < answer_len
+    logits = r.normal(0, 2, (B, Q, LA, vocab)) / 3.0
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    top = np.argsort(-logp, -1)[..., :K]
+    cams = np.stack([[look_at(r.uniform(-4, 4, 3) + [0, 0, 2], r.uniform(-1, 1, 3)) for _ in range(S)]
+                     for _ in range(B)])
+    depth = r.uniform(1, 5, (B, S, 56, 56)).astype(np.float32)
+    depth[:, :, :5] = 0  # missing depth
+    boxes = np.concatenate([r.uniform(-2, 2, (B, N, 3)), r.uniform(0.2, 1, (B, N, 3)),
+                            r.uniform(-np.pi, np.pi, (B, N, 1))], -1)
+    box_mask = np.array([[True, True, False], [True, False, False]])
+    return {
+        "rgb": r.integers(0, 256, (B, S, 56, 56, 3), dtype=np.uint8), "depth": depth,
+        "intrinsics": np.tile(np.array([[50.0, 0, 28], [0, 50, 28], [0, 0, 1]], np.float32), (B, S, 1, 1)),
+        "cam_to_world": cams.astype(np.float32), "boxes": np.where(box_mask[..., None], boxes, 0).astype(np.float32),
+        "box_mask": box_mask, "labels": np.where(box_mask, r.integers(0, 3, (B, N)), -1).astype(np.int32),
+        "question_mask": prompt_len[..., 0] > 0, "qa_kind": np.array([[0, 1, -1], [2, 3, -1]], np.int32),
+        "prompt_ids": np.where(pm, r.integers(4, vocab, (B, Q, LP)), 0).astype(np.int32), "prompt_mask": pm,
+        "answer_ids": np.where(am, top[..., 0], 0).astype(np.int32), "answer_mask": am,
+        "topk_ids": np.where(am[..., None], top, 0).astype(np.int32),
+        "topk_logprobs": np.where(am[..., None], np.take_along_axis(logp, top, -1), 0).astype(np.float32),
+        "logsumexp": np.zeros((B, Q, LA), np.float32),
+    }
+
+
+def setup_step(config, cfg):
+    build = lambda key: student_lib.Student(cfg, rngs=nnx.Rngs(params=key))  # noqa: E731
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))))
+    spec = step_lib.loss_spec(config)
+    params = {"student": abstract.to_pure_dict()}
+    if spec.weighting == "kendall":
+        params["kendall"] = {"log_vars": jax.ShapeDtypeStruct((len(spec.tasks),), jnp.float32)}
+    tx, schedule = step_lib.make_optimizer(config, params)
+    key = jax.random.PRNGKey(0)
+    state = compile_fast(lambda k: step_lib.init_state(k, tx, spec, build), key)(key)
+    return state, dict(graphdef=graphdef, abstract_state=abstract, spec=spec), tx, schedule
+
+
+def test_train_step_skips_nonfinite_then_updates(abstract_student):
+    config = tiny_config(heads=True, **{"train.warmup_steps": 0})
+    cfg, _ = abstract_student
+    state, kw, tx, schedule = setup_step(config, cfg)
+    assert kw["spec"].tasks == ("depth", "det", "text")
+    good = make_batch(0, cfg.decoder.vocab_size)
+    bad = dict(good, topk_logprobs=np.where(good["answer_mask"][..., None], np.nan,
+                                            good["topk_logprobs"]).astype(np.float32))
+    step = compile_fast(functools.partial(step_lib.train_step, tx=tx, schedule=schedule, **kw),
+                        state, good)
+    before = jax.tree.map(np.asarray, state)
+
+    state, m = step(state, bad)
+    m = {k: float(v) for k, v in m.items()}
+    assert np.isnan(m["learning/loss"])
+    assert (m["learning/nonfinite_steps"], m["learning/nonfinite_run"]) == (1, 1)
+    after = jax.tree.map(np.asarray, state)
+    assert int(after.step) == 1 and int(after.nonfinite_total) == 1
+    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                    jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(a, b)  # nothing applied
+
+    state, m = step(state, good)
+    m = {k: float(v) for k, v in m.items()}
+    assert (m["learning/nonfinite_steps"], m["learning/nonfinite_run"]) == (1, 0)
+    assert m["learning/lr"] == pytest.approx(1e-3)  # the first applied update: schedule(0)
+    # Kendall at s = 0: text (classification) weight 1, depth and det (regression) 0.5.
+    assert [m["weights/text"], m["weights/depth"], m["weights/det"]] == [1.0, 0.5, 0.5]
+    np.testing.assert_allclose(m["learning/loss"],
+                               m["aux/text"] + 0.5 * m["aux/depth"] + 0.5 * m["aux/det"], rtol=1e-6)
+    assert m["det/num_gt"] == 3 and 0 < m["distill/teacher_topk_mass"] < 1
+    assert all(np.isfinite(v) for v in m.values())
+    new = jax.tree.map(np.asarray, state)
+
+    def moved(a, b):
+        return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    for part in ("aggregator", "decoder", "latents", "depth_head", "det_head", "proj_in"):
+        assert moved(after.params["student"][part], new.params["student"][part]), part
+    assert moved(after.params["kendall"], new.params["kendall"])
+
+
+def test_accumulation_averages_micro_batches():
+    config = tiny_config(**{"train.accum_steps": 2})
+    cfg = student_lib.config_from(config.model, 56)
+    state, kw, _, _ = setup_step(config, cfg)
+    batch = make_batch(1, cfg.decoder.vocab_size)
+    fn = functools.partial(step_lib.loss_and_grads, **kw)
+    # Micro-batch i takes rows i, i + 2, ...: with B = 2, sample i.
+    rows = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(2)]
+    one = compile_fast(lambda p, b: fn(p, b, None, accum_steps=1), state.params, rows[0])
+    halves = [one(state.params, r) for r in rows]
+    two = compile_fast(lambda p, b: fn(p, b, None, accum_steps=2), state.params, batch)
+    total, metrics, _, grads = two(state.params, batch)
+    np.testing.assert_allclose(float(total), (float(halves[0][0]) + float(halves[1][0])) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["distill/kl"]),
+                               (float(halves[0][1]["distill/kl"]) + float(halves[1][1]["distill/kl"])) / 2,
+                               rtol=1e-5)
+    for g, g0, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(halves[0][3]),
+                         jax.tree.leaves(halves[1][3])):
+        np.testing.assert_allclose(np.asarray(g), (np.asarray(g0) + np.asarray(g1)) / 2,
+                                   rtol=1e-4, atol=1e-7)
+    assert float(optax.global_norm(grads)) > 0
