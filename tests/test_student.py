@@ -160,6 +160,7 @@ def test_bf16_forward_close_to_f32():
 
 def test_heads_and_mean1_pooling_shapes():
     c = student_configs.get_config("tiny")
+    c.model.depth_head.enabled = True
     cfg = dataclasses.replace(st.config_from(c.model, 56), vision_pool="mean1")
     model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
