@@ -89,6 +89,18 @@ def run(preset: str, views: int, questions: int, prompt_len: int, new_tokens: in
           f"(params {sum(st.parameter_breakdown(model).values()) / 1e6:.1f}M)")
 
 
+def print_sizes() -> None:
+    """Parameter breakdown of the `paper` preset (abstract) next to the paper's and the teacher's."""
+    c = student_configs.get_config("paper")
+    counts = st.parameter_breakdown(st.create(st.config_from(c.model, c.data.image_size), abstract=True))
+    total = sum(counts.values())
+    for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:12s} {n:>15,d}")
+    teacher = 7_080_764_416  # LLaVA-3D-7B, shared/fixtures/llava3d/llava3d_7b_manifest.json
+    print(f"  {'total':12s} {total:>15,d}  (paper: 2.29B, {total / 2.29e9 - 1:+.2%}; teacher "
+          f"{teacher:,d} = {teacher / total:.2f}x)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--presets", default="tiny,paper-2L")
@@ -98,6 +110,8 @@ def main():
     p.add_argument("--new_tokens", type=int, default=8)
     a = p.parse_args()
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+    print("paper preset parameters:")
+    print_sizes()
     for preset in a.presets.split(","):
         run(preset, a.views, a.questions, a.prompt_len, a.new_tokens)
 
