@@ -84,7 +84,7 @@ def test_load_params_refuses_another_architecture(tmp_path):
 def test_check_same_model_names_the_field():
     stored = ckpt_lib.config_dict(tiny_config())
     ckpt_lib.check_same_model(stored, tiny_config(**{"model.decoder.remat_policy": "full",
-                                                     "model.vision.frozen": True,
+                                                     "model.vision.remat": True,
                                                      "train.steps": 99}), "here")
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=re.escape("here holds a checkpoint of another model (model.decoder.num_layers: "
@@ -92,6 +92,8 @@ def test_check_same_model_names_the_field():
         ckpt_lib.check_same_model(stored, tiny_config(**{"model.decoder.num_layers": 3}), "here")
     with pytest.raises(ckpt_lib.CheckpointError, match="model.decoder.scan_layers: checkpoint True"):
         ckpt_lib.check_same_model(stored, tiny_config(**{"model.decoder.scan_layers": False}), "x")
+    with pytest.raises(ckpt_lib.CheckpointError, match="model.vision.frozen: checkpoint False, this run True"):
+        ckpt_lib.check_same_model(stored, tiny_config(**{"model.vision.frozen": True}), "x")
 
 
 def test_code_version_and_input_positions():

@@ -1,12 +1,11 @@
 """The loss over a batch and the train step: camera-0 frame, schedule, optimizer masks, task
-weighting, the NaN guard on a real step (text + depth + detection), gradient accumulation."""
+weighting, gradient accumulation, the NaN guard on a real step (text + depth + detection)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -107,6 +106,27 @@ def test_frozen_vision_gets_no_update_and_decay_skips_vectors(abstract_student):
     assert set(jax.tree.leaves(labels)) == {"train"}
 
 
+def test_state_shardings_follow_the_parameters_with_frozen_vision(abstract_student):
+    cfg, _ = abstract_student
+    config = tiny_config(heads=True, **{"model.vision.frozen": True})
+    build = lambda key: student_lib.Student(cfg, rngs=nnx.Rngs(params=key))  # noqa: E731
+    _, abstract_model_state = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))))
+    spec = step_lib.loss_spec(config)
+    params = {"student": abstract_model_state.to_pure_dict(),
+              "kendall": {"log_vars": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+    tx, _ = step_lib.make_optimizer(config, params)
+    abstract = jax.eval_shape(lambda k: step_lib.init_state(k, tx, spec, build), jax.random.PRNGKey(0))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    sh = step_lib.state_shardings(abstract, abstract_model_state, mesh, step_lib.sharding.DEFAULT_RULES)
+    q = sh.params["student"]["decoder"]["layers"]["q"].spec
+    assert q == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # layers, embed, heads, hd
+    adam = sh.opt_state.inner_states["train"].inner_state[1][0]
+    assert adam.mu["student"]["decoder"]["layers"]["q"].spec == q
+    assert adam.nu["student"]["det_head"]["queries"].spec == sh.params["student"]["det_head"]["queries"].spec
+    assert adam.count.spec == jax.sharding.PartitionSpec()
+    assert not jax.tree.leaves(adam.mu["student"]["aggregator"])  # frozen: no moments at all
+
+
 def test_weighting_methods():
     losses = {"text": jnp.float32(2.0), "depth": jnp.float32(4.0), "det": jnp.float32(1.0)}
     spec = step_lib.LossSpec(tasks=("depth", "det", "text"), weighting="kendall", alpha=0.7,
@@ -181,15 +201,16 @@ def setup_step(config, cfg):
 
 
 def test_train_step_skips_nonfinite_then_updates(abstract_student):
-    config = tiny_config(heads=True, **{"train.warmup_steps": 0})
+    # Two micro-batches of one sample each: the update goes through gradient accumulation.
+    config = tiny_config(heads=True, **{"train.warmup_steps": 0, "train.accum_steps": 2})
     cfg, _ = abstract_student
     state, kw, tx, schedule = setup_step(config, cfg)
     assert kw["spec"].tasks == ("depth", "det", "text")
     good = make_batch(0, cfg.decoder.vocab_size)
     bad = dict(good, topk_logprobs=np.where(good["answer_mask"][..., None], np.nan,
                                             good["topk_logprobs"]).astype(np.float32))
-    step = compile_fast(functools.partial(step_lib.train_step, tx=tx, schedule=schedule, **kw),
-                        state, good)
+    step = compile_fast(functools.partial(step_lib.train_step, tx=tx, schedule=schedule,
+                                          accum_steps=2, **kw), state, good)
     before = jax.tree.map(np.asarray, state)
 
     state, m = step(state, bad)
@@ -210,7 +231,7 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     assert [m["weights/text"], m["weights/depth"], m["weights/det"]] == [1.0, 0.5, 0.5]
     np.testing.assert_allclose(m["learning/loss"],
                                m["aux/text"] + 0.5 * m["aux/depth"] + 0.5 * m["aux/det"], rtol=1e-6)
-    assert m["det/num_gt"] == 3 and 0 < m["distill/teacher_topk_mass"] < 1
+    assert m["det/num_gt"] == 1.5 and 0 < m["distill/teacher_topk_mass"] < 1  # (2 + 1) / 2
     assert all(np.isfinite(v) for v in m.values())
     new = jax.tree.map(np.asarray, state)
 
@@ -222,24 +243,57 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     assert moved(after.params["kendall"], new.params["kendall"])
 
 
-def test_accumulation_averages_micro_batches():
-    config = tiny_config(**{"train.accum_steps": 2})
+def test_accumulation_averages_interleaved_micro_batches():
+    r = np.random.default_rng(3)
+    batch = {"x": jnp.asarray(r.normal(size=(8, 3)), jnp.float32),
+             "y": jnp.asarray(r.normal(size=(8,)), jnp.float32)}
+    w = jnp.asarray(r.normal(size=(3,)), jnp.float32)
+
+    def value_and_grad(p, mb):  # a least-squares loss: its mean and gradient per micro-batch
+        loss, grad = jax.value_and_grad(lambda q: jnp.mean((mb["x"] @ q - mb["y"]) ** 2))(p)
+        return loss, {"w": grad, "rows": mb["y"]}
+
+    loss, aux = jax.jit(lambda p, b: step_lib.accumulate(value_and_grad, p, b, 4))(w, batch)
+    # Micro-batch i takes rows i, i + 4 (every device keeps a share of each micro-batch).
+    parts = [value_and_grad(w, {k: v[i::4] for k, v in batch.items()}) for i in range(4)]
+    np.testing.assert_allclose(float(loss), np.mean([float(p[0]) for p in parts]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(aux["w"]), np.mean([p[1]["w"] for p in parts], 0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux["rows"]),
+                               np.mean([np.asarray(batch["y"])[i::4] for i in range(4)], 0), rtol=1e-6)
+    same, _ = step_lib.accumulate(value_and_grad, w, batch, 1)
+    np.testing.assert_allclose(float(same), float(jnp.mean((batch["x"] @ w - batch["y"]) ** 2)), rtol=1e-6)
+
+
+def test_vggt_weights_fill_the_aggregator_and_depth_head(tmp_path):
+    from safetensors.numpy import save_file
+
+    from spatial_distill.models.state_dict import CheckpointMismatchError
+
+    config = tiny_config(heads=True, **{"model.vision.checkpoint": str(tmp_path / "vggt.safetensors")})
     cfg = student_lib.config_from(config.model, 56)
-    state, kw, _, _ = setup_step(config, cfg)
-    batch = make_batch(1, cfg.decoder.vocab_size)
-    fn = functools.partial(step_lib.loss_and_grads, **kw)
-    # Micro-batch i takes rows i, i + 2, ...: with B = 2, sample i.
-    rows = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(2)]
-    one = compile_fast(lambda p, b: fn(p, b, None, accum_steps=1), state.params, rows[0])
-    halves = [one(state.params, r) for r in rows]
-    two = compile_fast(lambda p, b: fn(p, b, None, accum_steps=2), state.params, batch)
-    total, metrics, _, grads = two(state.params, batch)
-    np.testing.assert_allclose(float(total), (float(halves[0][0]) + float(halves[1][0])) / 2, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["distill/kl"]),
-                               (float(halves[0][1]["distill/kl"]) + float(halves[1][1]["distill/kl"])) / 2,
-                               rtol=1e-5)
-    for g, g0, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(halves[0][3]),
-                         jax.tree.leaves(halves[1][3])):
-        np.testing.assert_allclose(np.asarray(g), (np.asarray(g0) + np.asarray(g1)) / 2,
-                                   rtol=1e-4, atol=1e-7)
-    assert float(optax.global_norm(grads)) > 0
+    assert cfg.aggregator.img_size == 518  # an official checkpoint brings its 518-pixel grid
+
+    def build(key):
+        return student_lib.Student(cfg, rngs=nnx.Rngs(params=key))
+
+    # An "official" checkpoint: another student's aggregator and depth head, plus a camera head.
+    source = nnx.eval_shape(lambda: build(jax.random.PRNGKey(1)))
+    r = np.random.default_rng(0)
+    nnx.update(source, jax.tree.map(lambda a: r.normal(size=a.shape).astype(a.dtype),
+                                    nnx.state(source)))
+    tensors = {**source.aggregator.export_torch("aggregator"),
+               **source.depth_head.export_torch("depth_head"),
+               "camera_head.trunk.0.weight": np.zeros((4, 4), np.float32)}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path / "vggt.safetensors")
+
+    got = step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)
+    want = nnx.state(source).to_pure_dict()
+    assert sorted(got) == ["aggregator", "depth_head"]
+    for part in got:
+        for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    del tensors["aggregator.camera_token"]
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path / "vggt.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="aggregator.camera_token"):
+        step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)

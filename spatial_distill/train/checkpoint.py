@@ -10,8 +10,8 @@ Saving is asynchronous (orbax copies the arrays to host memory, then writes in a
 directory appears only once complete, so a run killed mid-save resumes from the previous one.
 
 Refusals, each naming what differs, and deleting nothing:
-- `check_same_model`: the stored config's `model` section differs from this run's (fields that do
-  not change parameters — compute dtypes, remat, `vision.frozen` — may differ);
+- `check_same_model`: the stored config's `model` section differs from this run's (compute dtypes
+  and remat settings may differ: they change neither parameters nor optimizer state);
 - `check_shapes`: a stored parameter's shape differs from the model's, or a parameter is missing
   or unexpected (e.g. a checkpoint of another preset loaded by `load_params`).
 """
@@ -30,9 +30,9 @@ import orbax.checkpoint as ocp
 
 import spatial_distill
 
-# Model fields that change how the model computes but not its parameters.
-NON_STRUCTURAL = ("vision.dtype", "vision.remat", "vision.frozen", "decoder.dtype",
-                  "decoder.remat_policy")
+# Model fields that change how the model computes but neither its parameters nor the optimizer
+# state (`vision.frozen` does change the latter: frozen parameters carry no Adam moments).
+NON_STRUCTURAL = ("vision.dtype", "vision.remat", "decoder.dtype", "decoder.remat_policy")
 
 
 class CheckpointError(ValueError):
@@ -113,18 +113,32 @@ def check_shapes(stored, expected, where: str, *, prefix: str = "") -> None:
                               + " | ".join(parts))
 
 
+# Replica-parallel saving splits each replicated array among its replicas by slicing it with eager
+# ops (one compile per shape); it pays off for large shards only.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+        (jax.Array, th.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
+        (str, th.StringHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
     """`CheckpointManager` over `directory` keeping the newest `keep` steps."""
 
-    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True, create: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         # Handlers named up front, so a fresh manager can read the metadata of an old step.
         self._mgr = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -135,7 +149,7 @@ class Checkpointer:
     def save(self, step: int, state: Mapping, meta: Mapping, *, force: bool = True) -> None:
         """Starts an async save of `state` (dict of arrays) and `meta` (JSON) at `step`."""
         self._mgr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(dict(meta))),
+            state=ocp.args.PyTreeSave(dict(state)), meta=ocp.args.JsonSave(dict(meta))),
             force=force)
 
     def meta(self, step: int) -> dict:
@@ -149,24 +163,16 @@ class Checkpointer:
         (`jax.ShapeDtypeStruct`s with `.sharding`); parameter shapes are checked first."""
         where = f"checkpoint {self.directory}/{step}"
         check_shapes(self.stored_shapes(step)["params"], abstract_state["params"], where)
-        restored = self._mgr.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(dict(abstract_state))))
-        return restored.state
+        return self._restore(step, dict(abstract_state), partial=False)
 
     def restore_params(self, step: int, abstract_params: Mapping) -> dict:
         """Only `params` (a partial restore: the optimizer state is never read)."""
-        target = {"params": dict(abstract_params)}
-        # A PyTree handler reads the same files and, unlike the standard one, restores a subtree.
-        reader = ocp.CheckpointManager(self.directory, item_handlers={
-            "state": ocp.PyTreeCheckpointHandler()}, options=ocp.CheckpointManagerOptions(
-                read_only=True))
-        try:
-            restored = reader.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))
-        finally:
-            reader.close()
-        return restored.state["params"]
+        return self._restore(step, {"params": dict(abstract_params)}, partial=True)["params"]
+
+    def _restore(self, step: int, target: dict, *, partial: bool) -> dict:
+        args = ocp.args.PyTreeRestore(item=target, partial_restore=partial,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+        return self._mgr.restore(int(step), args=ocp.args.Composite(state=args)).state
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
@@ -179,7 +185,9 @@ class Checkpointer:
 def load_params(directory: str, abstract_params: Mapping, step: int | None = None) -> dict:
     """Only the params of a train checkpoint (eval/export), checked against `abstract_params`
     (`{"student": ..., ...}` of ShapeDtypeStructs, with shardings to place them)."""
-    ckpt = Checkpointer(directory, keep=1_000_000, async_save=False)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no checkpoint found; train first")
+    ckpt = Checkpointer(directory, keep=1_000_000, async_save=False, create=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:

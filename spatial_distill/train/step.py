@@ -34,6 +34,7 @@ from spatial_distill.losses import weighting
 from spatial_distill.losses.depth import depth_loss
 from spatial_distill.losses.detection import detection_loss
 from spatial_distill.losses.distill import kd_loss
+from spatial_distill.models.state_dict import StateDict, load_tensors
 from spatial_distill.sharding import constrain
 
 WEIGHTINGS = ("kendall", "static", "dwa")
@@ -190,8 +191,8 @@ def param_labels(params: dict, *, frozen_vision: bool) -> dict:
 
 
 def _decay_mask(params: dict) -> dict:
-    # Weight decay on matrices only: decaying norms, biases, latents' scale or the Kendall
-    # log-variances towards 0 is not a regulariser, it is a bias.
+    # Weight decay on matrices only: pulling norm scales, biases, the latent tokens or the Kendall
+    # log-variances towards 0 would bias them, not regularise them.
     def decays(path, x):
         keys = [getattr(k, "key", None) for k in path]
         return keys[0] == "student" and x.ndim >= 2 and keys[-1] not in ("latents",)
@@ -228,17 +229,51 @@ def init_state(key: jax.Array, tx, spec: LossSpec, build_model) -> TrainState:
                       nonfinite_total=zero)
 
 
-def state_shardings(abstract: TrainState, abstract_model_state: nnx.State, mesh, rules,
-                    tx) -> TrainState:
+def vggt_weights(build_model, path: str, *, depth_head: bool) -> dict:
+    """Official VGGT weights for the student's aggregator (and DPT depth head, when it has one):
+    `{"aggregator": pure dict, "depth_head": ...}` of numpy arrays. Keys outside those parts
+    (camera, point and track heads) are ignored; a missing, unexpected or mis-shaped key inside
+    them is reported, all in one `CheckpointMismatchError`. `build_model(key)` builds the Student
+    (only abstractly: no random weights are drawn)."""
+    model = nnx.eval_shape(lambda: build_model(jax.random.PRNGKey(0)))
+    tensors, source = load_tensors(path)
+    sd = StateDict(tensors, source)
+    model.aggregator.load_torch(sd, "aggregator")
+    parts = ["aggregator"]
+    if depth_head and model.depth_head is not None:
+        model.depth_head.load_torch(sd, "depth_head")
+        parts.append("depth_head")
+    loaded = tuple(f"{p}." for p in parts)
+    sd.finish(ignore_unused=[k for k in tensors if not k.startswith(loaded)],
+              what=f"student's VGGT {' + '.join(parts)} (config.model.vision.checkpoint)")
+    state = nnx.state(model).to_pure_dict()
+    return {p: state[p] for p in parts}
+
+
+def state_shardings(abstract: TrainState, abstract_model_state: nnx.State, mesh, rules) -> TrainState:
     """NamedShardings for every leaf of the train state, from the parameters' logical names
-    (`sharding.state_shardings`): optimizer moments follow their parameter, the rest (step, RNG,
-    counters, Kendall log-variances, DWA history) is replicated."""
+    (`sharding.state_shardings`): an optimizer leaf whose key path ends with a parameter's path
+    (Adam's `mu`/`nu`) gets that parameter's sharding; the rest (step, RNG, counters, Adam's
+    count, Kendall log-variances, DWA history) is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = {"student": sharding.state_shardings(abstract_model_state, mesh, rules).to_pure_dict()}
     if "kendall" in abstract.params:
         params["kendall"] = jax.tree.map(lambda _: replicated, abstract.params["kendall"])
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
-                                transform_non_params=lambda _: replicated)
+
+    def dict_keys(path):
+        return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    by_path = {dict_keys(p): sh for p, sh in jax.tree_util.tree_leaves_with_path(params)}
+
+    def for_opt_leaf(path, leaf):
+        keys = dict_keys(path)
+        for i in range(len(keys)):  # longest suffix first: ("train", "student", ...) -> ("student", ...)
+            sh = by_path.get(keys[i:])
+            if sh is not None and len(sh.spec) <= len(leaf.shape):
+                return sh
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract.opt_state)
     rest = jax.tree.map(lambda _: replicated, abstract.replace(params=None, opt_state=None))
     return rest.replace(params=params, opt_state=opt)
 
@@ -264,32 +299,37 @@ def _split_micro(batch: Mapping[str, jax.Array], accum: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def accumulate(fn, params, batch: Mapping[str, jax.Array], accum_steps: int):
+    """`fn(params, micro_batch) -> tree` (values and gradients) averaged over `accum_steps`
+    micro-batches of `batch` (`_split_micro`), scanned so one micro-batch is live at a time."""
+    if accum_steps == 1:
+        return fn(params, batch)
+    micro = _split_micro(batch, accum_steps)
+    shapes = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, mb):
+        return jax.tree.map(jnp.add, carry, fn(params, mb)), None
+
+    summed, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / accum_steps, summed)
+
+
 def loss_and_grads(params: dict, batch, dwa_state, *, graphdef, abstract_state, spec: LossSpec,
                    accum_steps: int = 1):
-    """(total loss, metrics, task losses, grads), averaged over `accum_steps` micro-batches."""
+    """(total loss, metrics, task losses, grads), averaged over `accum_steps` micro-batches
+    (each loss is a mean within its micro-batch, so the result is a mean of means)."""
     def loss_fn(p, mb):
         model = student_from(graphdef, abstract_state, p["student"])
         losses, metrics = task_losses(model, mb, spec)
         total, wm, _ = combine(losses, p.get("kendall"), dwa_state, spec)
         return total, (metrics | wm, losses)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum_steps == 1:
-        (total, (metrics, losses)), grads = grad_fn(params, batch)
+    def value_and_grad(p, mb):
+        (total, (metrics, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb)
         return total, metrics, losses, grads
 
-    def body(carry, mb):
-        (total, (metrics, losses)), grads = grad_fn(params, mb)
-        acc = jax.tree.map(jnp.add, carry, (total, metrics, losses, grads))
-        return acc, None
-
-    micro = _split_micro(batch, accum_steps)
-    first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(lambda: (lambda r: (r[0][0], r[0][1][0], r[0][1][1], r[1]))(
-        grad_fn(params, first)))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    summed, _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda x: x / accum_steps, summed)
+    return accumulate(value_and_grad, params, batch, accum_steps)
 
 
 def train_step(state: TrainState, batch, *, graphdef, abstract_state, tx, schedule,

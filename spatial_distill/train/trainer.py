@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -100,12 +101,13 @@ def verify_shards(data_dir: str, meta: tr.TeacherMeta, split: str, workdir: str)
     """Validates every record of this process's shards once (content hash included): the tf.data
     pipeline decodes without checking hashes. Raises `RecordError` naming file and record index.
     Verified shards are remembered by (name, size, mtime) in WORKDIR/.verified-p<process>.json."""
-    import json
-
     n = int(meta.splits[split]["num_shards"])
     mine = tr.finished_shards(data_dir, split, n)[jax.process_index()::jax.process_count()]
     memo_path = os.path.join(workdir, f".verified-p{jax.process_index()}.json")
-    memo = json.load(open(memo_path)) if os.path.exists(memo_path) else {}
+    memo = {}
+    if os.path.exists(memo_path):
+        with open(memo_path) as f:
+            memo = json.load(f)
     for path in mine:
         st = os.stat(path)
         key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
@@ -118,9 +120,10 @@ def verify_shards(data_dir: str, meta: tr.TeacherMeta, split: str, workdir: str)
             json.dump(memo, f)
 
 
-def check_accumulation(config: ml_collections.ConfigDict, mesh) -> None:
+def check_accumulation(config: ml_collections.ConfigDict, num_devices: int) -> None:
     accum = int(config.train.accum_steps)
-    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    data, fsdp, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
+    ways = data * fsdp
     if accum < 1 or config.train.batch_size % (ways * accum):
         raise ValueError(
             f"config.train.accum_steps = {accum}: the batch of {config.train.batch_size} must split "
@@ -163,6 +166,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     # -- Setup and logging -------------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)
     common.validate(config, num_devices=jax.device_count())
+    check_accumulation(config, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0
     total_steps = int(config.train.steps)
@@ -179,7 +183,6 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     # -- Mesh ----------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.DEFAULT_RULES
-    check_accumulation(config, mesh)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
@@ -198,9 +201,10 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     train_data = InputPipeline(data_dir, "train", batch_size=config.train.batch_size,
                                seed=config.seed, image_size=size,
                                shuffle_buffer=config.input.shuffle_buffer, **limits)
-    eval_data = functools.partial(InputPipeline, data_dir, "eval", batch_size=config.train.batch_size,
-                                  seed=config.seed, shuffle=False, num_epochs=1, image_size=size,
-                                  **limits)
+    # Built now so a missing or too small eval split fails before training, not after it.
+    eval_data = InputPipeline(data_dir, "eval", batch_size=config.train.batch_size, seed=config.seed,
+                              shuffle=False, num_epochs=1, image_size=size, **limits)
+    eval_start = eval_data.state()
 
     # -- Model and optimizer -------------------------------------------------------------------
     model_cfg = student_lib.config_from(config.model, config.data.image_size)
@@ -226,7 +230,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
 
     init_key = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init, init_key)
-    state_sh = step_lib.state_shardings(abstract_state, abstract_model_state, mesh, rules, tx)
+    state_sh = step_lib.state_shardings(abstract_state, abstract_model_state, mesh, rules)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sh)
 
@@ -249,11 +253,14 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
 
     def evaluate(state) -> dict[str, float]:
         if not compiled_eval:
+            t0 = time.perf_counter()
             with sharding.axis_rules(mesh, rules):
                 compiled_eval.append(eval_fn.lower(abstract_state.params, abstract_state.dwa,
                                                    batch_spec).compile())
+            log.info("eval step compiled in %.1f s", time.perf_counter() - t0)
         sums, n = {}, 0
-        for batch in eval_data():
+        eval_data.restore(eval_start)
+        for batch in eval_data:
             m = metrics_lib.to_host(compiled_eval[0](state.params, state.dwa, to_global(batch, mesh)))
             sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
             n += 1
@@ -284,7 +291,18 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
             log.info("resumed from %s (dropped %d metric lines past it)", where, dropped)
     else:
         # Sharded init: every parameter is created on the devices that hold it.
+        t0 = time.perf_counter()
         state = student_lib.init_program(lambda: init(init_key), out_shardings=state_sh)()
+        if config.model.vision.checkpoint:
+            # The aggregator (and depth head) start from VGGT; everything else stays random.
+            loaded = step_lib.vggt_weights(build, config.model.vision.checkpoint,
+                                           depth_head=model_cfg.depth_head is not None)
+            student = dict(state.params["student"])
+            for part, tree in loaded.items():
+                student[part] = jax.device_put(tree, state_sh.params["student"][part])
+            state = state.replace(params={**state.params, "student": student})
+            log.info("VGGT weights for %s from %s", sorted(loaded), config.model.vision.checkpoint)
+        log.info("initialised in %.1f s", time.perf_counter() - t0)
     start = int(jax.device_get(state.step.addressable_data(0)))
 
     # -- Train loop ----------------------------------------------------------------------------
@@ -359,6 +377,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
         save(state, step)
     if latest != total_steps:
         writer.write(step, evaluate(state))
+    log.info("trained to step %d", step)
 
 
 def _check_labels(batch, model_cfg) -> None:
