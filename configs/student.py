@@ -96,6 +96,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.nan_patience = 5  # consecutive non-finite steps before stopping
     c.train.eval_every = 0  # 0: evaluate once at the end
+    c.train.verify_records = True  # check every record (content hash included) before training
 
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.7  # KD weight; 1 - alpha goes to CE on the teacher's greedy answer
@@ -104,6 +105,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.loss.chunked = True  # never form full fp32 [tokens, vocab] logits
     c.loss.chunk_size = 8192
     c.loss.weighting = "kendall"  # kendall | static | dwa
+    c.loss.kendall_range = (-4.0, 4.0)  # clamp of the learned log-variances: weights in ~[0.02, 55]
+    c.loss.static_weights = {"text": 1.0, "depth": 0.15, "det": 0.35}  # the paper's static ablation
+    c.loss.dwa_temperature = 2.0
     c.loss.depth = True
     c.loss.detection = True
 

@@ -41,6 +41,17 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVC
     return KVCache(k, v, zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 
+def repeat_cache(cache: KVCache, times: int) -> KVCache:
+    """Each row of `cache` repeated `times` times in place (row r -> rows r*times .. r*times +
+    times - 1): one prefix shared by several continuations, e.g. every question of a scene."""
+    rep = lambda x: jnp.repeat(x, times, axis=0)
+    if isinstance(cache.k, tuple):
+        k, v = tuple(map(rep, cache.k)), tuple(map(rep, cache.v))
+    else:  # scanned layers: [layers, batch, ...]
+        k, v = jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1)
+    return KVCache(k, v, rep(cache.segment_ids), rep(cache.positions), rep(cache.lengths))
+
+
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """`[B, L]` bool -> `[B, L]` int32: 0, 1, 2, ... over real tokens (padding gets 0)."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -173,4 +184,4 @@ def generate_from_ids(model: Llama, prompt_ids: jax.Array, prompt_mask: jax.Arra
 
 
 __all__ = ["decode", "generate", "generate_from_ids", "init_cache", "positions_from_mask",
-           "prefill", "sample_token"]
+           "prefill", "repeat_cache", "sample_token"]

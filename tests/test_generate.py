@@ -149,6 +149,34 @@ def test_cached_chunks_equal_one_pass(models):
         model.hidden(x[:, 4:], positions=pos[:, 4:], cache=cache, cache_index=8)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_repeated_prefix_cache_equals_full_sequences(models, scan_layers):
+    """A prefix cached once and repeated 3x, then 3 different continuations, gives what each
+    full sequence gives: the layout `Student` trains with (one scene, many questions)."""
+    model = models[scan_layers]
+    r = np.random.RandomState(2)
+    prefix = jnp.asarray(r.randint(0, 96, (2, 5)))
+    tails = jnp.asarray(r.randint(0, 96, (6, 4)))  # row 3b + j continues prefix b
+    full_ids = jnp.concatenate([jnp.repeat(prefix, 3, axis=0), tails], axis=1)
+
+    @nnx.jit
+    def run(model):
+        pos = jnp.broadcast_to(jnp.arange(9), (6, 9))
+        full, _ = model.hidden(model.embed(full_ids), positions=pos)
+        cache = gen.init_cache(model.config, 2, 9)
+        _, cache = model.hidden(model.embed(prefix), positions=pos[:2, :5], cache=cache,
+                                cache_index=0)
+        cache = gen.repeat_cache(cache, 3)
+        tail, cache = model.hidden(model.embed(tails), positions=pos[:, 5:], cache=cache,
+                                   cache_index=5)
+        return full, tail, cache
+
+    with jax.default_matmul_precision("highest"):
+        full, tail, cache = run(model)
+    np.testing.assert_allclose(tail, full[:, 5:], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(cache.lengths, [9] * 6)
+
+
 def test_bad_arguments(models, prompts):
     model, (_, ids, mask) = models[True], prompts
     right_padded = mask[:, ::-1]

@@ -107,6 +107,40 @@ def test_padded_layout_equals_compact_sequence(position, latents):
     assert out["vision_tokens"].shape == (B, S * 4, 32)  # grid2: 4 tokens per view
 
 
+def test_shared_prefix_gradients_equal_per_question_decoding():
+    """Training decodes the shared prefix once per sample; the gradients (vision, latents and
+    decoder) must equal those of decoding every question's whole sequence."""
+    model = cached_model(num_latents=3)
+    images, prompt, pm, answer, am = batch()
+    graphdef, state = nnx.split(model)
+
+    def shared(state):
+        m = nnx.merge(graphdef, state)
+        return (m(jnp.asarray(images), prompt, pm, answer, am)["answer_hidden"] ** 2 * am[..., None]).sum()
+
+    def per_question(state):
+        m = nnx.merge(graphdef, state)
+        p = m.cfg.aggregator.patch_size
+        _, patches = m.encode_images(jnp.asarray(images))
+        vision = m.vision_tokens(patches, (images.shape[2] // p, images.shape[3] // p))
+        emb, valid = m._sequence(vision, prompt, pm, answer, am)
+        h, _ = m.decoder.hidden(emb, positions=st.generate_lib.positions_from_mask(valid),
+                                segment_ids=valid.astype(jnp.int32))
+        p0 = emb.shape[1] - prompt.shape[-1] - answer.shape[-1]
+        slots = p0 + m._answer_source_slots(pm, LA).reshape(B * Q, LA)
+        ah = jnp.take_along_axis(h, slots[..., None], axis=1).reshape(B, Q, LA, -1)
+        return (ah ** 2 * am[..., None]).sum()
+
+    with jax.default_matmul_precision("highest"):
+        ga = jax.jit(jax.grad(shared))(state)
+        gb = jax.jit(jax.grad(per_question))(state)
+    for (path, a), (_, b) in zip(ga.flat_state(), gb.flat_state()):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        np.testing.assert_allclose(a, b, atol=1e-4 * max(1.0, np.abs(b).max()), rtol=0,
+                                   err_msg=str(path))
+    assert np.abs(np.asarray(ga["latents"].get_value())).max() > 0
+
+
 def test_answer_token_change_never_reaches_earlier_positions():
     model = cached_model()
     images, prompt, pm, answer, am = batch()

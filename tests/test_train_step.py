@@ -154,6 +154,27 @@ def test_weighting_methods():
     assert int(state.count) == 3
 
 
+def test_loss_spec_reads_the_weighting_settings_and_names_bad_values():
+    c = tiny_config(heads=True, **{"loss.weighting": "static", "loss.kendall_range": (-2.0, 3.0),
+                                   "loss.dwa_temperature": 0.5})
+    c.loss.static_weights.det = 0.8
+    spec = step_lib.loss_spec(c)
+    assert spec.kendall_range == (-2.0, 3.0) and spec.dwa_temperature == 0.5
+    losses = {t: jnp.float32(v) for t, v in {"text": 2.0, "depth": 4.0, "det": 1.0}.items()
+              if t in spec.tasks}
+    total, _, _ = step_lib.combine(losses, None, None, spec)
+    want = 2.0 + (0.15 * 4.0 if "depth" in spec.tasks else 0.0) + 0.8 * 1.0
+    np.testing.assert_allclose(float(total), want, rtol=1e-6)
+    for field, value, match in [("loss.kendall_range", (1.0, 1.0), "kendall_range"),
+                                ("loss.dwa_temperature", 0.0, "dwa_temperature")]:
+        with pytest.raises(ValueError, match=match):
+            step_lib.loss_spec(tiny_config(**{field: value}))
+    bad = tiny_config()
+    bad.loss.static_weights.text = -1.0
+    with pytest.raises(ValueError, match="static_weights"):
+        step_lib.loss_spec(bad)
+
+
 # ------------------------------------------------------------------------ a real step
 
 

@@ -8,9 +8,11 @@ question of the sample then reads the same vision prefix:
     before_question (paper):  [V (S*g*g)] [T1..TK] [Q (Lp, right-padded)] [A (La, right-padded)]
     after_question:           [V] [Q] [T1..TK] [A]
 
-Padding stays where the input pipeline put it; it gets segment id 0 (it sees and is seen by no
-real token) and real tokens get contiguous RoPE positions from the cumulative sum of the mask, so
-the decoder computes exactly what it would on the compact sequence. Labels live on A only: the
+The shared prefix ([V][T], or [V] with latents after the question) never sees what follows it,
+so training decodes it once per sample into a KV cache that the sample's Q questions attend to,
+instead of once per question. Padding stays where the input pipeline put it; it gets segment id 0
+(it sees and is seen by no real token) and real tokens get contiguous RoPE positions from the
+cumulative sum of the mask, so the decoder computes exactly what it would on the compact sequence. Labels live on A only: the
 output is the hidden state that predicts each answer token (`answer_hidden [B, Q, La, D]`),
 aligned with `answer_ids`, and the losses project it to the vocabulary in chunks. The latent
 tokens T are learned embeddings (init N(0, 0.02^2)); they are never decoded, except by the
@@ -158,39 +160,77 @@ class Student(nnx.Module):
         return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
 
     # -- sequence assembly ---------------------------------------------------------------------
-    def _sequence(self, vision, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
-        """Builds `[B*Q, L, D]` embeddings, validity `[B*Q, L]` and the slot of each part."""
+    def _shared_prefix(self, vision):
+        """The part every question of a sample shares: `[V][T]` (before_question) or `[V]`,
+        `[B, P0, D]`."""
+        k = self.cfg.num_latents
+        if k and self.cfg.latent_position == "before_question":
+            b, _, d = vision.shape
+            lat = jnp.broadcast_to(self.latents[...].astype(vision.dtype), (b, k, d))
+            return jnp.concatenate([vision, lat], axis=1)
+        return vision
+
+    def _question_part(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
+        """Per question, what follows the shared prefix: `[Q][A]` or `[Q][T][A]`.
+        Returns embeddings `[B*Q, Lr, D]` and validity `[B*Q, Lr]`."""
         b, q, lp = prompt_ids.shape
-        nv, k = vision.shape[1], self.cfg.num_latents
-        d = vision.shape[-1]
-        parts = [(jnp.broadcast_to(vision[:, None], (b, q, nv, d)), jnp.ones((b, q, nv), bool))]
-        latent = ((jnp.broadcast_to(self.latents[...].astype(vision.dtype), (b, q, k, d)),
-                   jnp.ones((b, q, k), bool)) if k else None)
-        prompt = (self.decoder.embed(prompt_ids.reshape(b * q, lp)).reshape(b, q, lp, d), prompt_mask)
-        if self.cfg.latent_position == "before_question":
-            parts += ([latent] if latent else []) + [prompt]
-        else:
-            parts += [prompt] + ([latent] if latent else [])
+        k = self.cfg.num_latents
+        parts = [(self.decoder.embed(prompt_ids.reshape(b * q, lp)), prompt_mask.reshape(b * q, lp))]
+        if k and self.cfg.latent_position == "after_question":
+            d = parts[0][0].shape[-1]
+            parts.append((jnp.broadcast_to(self.latents[...].astype(parts[0][0].dtype), (b * q, k, d)),
+                          jnp.ones((b * q, k), bool)))
         if answer_ids is not None:
             la = answer_ids.shape[-1]
-            parts.append((self.decoder.embed(answer_ids.reshape(b * q, la)).reshape(b, q, la, d), answer_mask))
-        emb = jnp.concatenate([p[0] for p in parts], axis=2)
-        valid = jnp.concatenate([p[1].astype(bool) for p in parts], axis=2)
-        return emb.reshape(b * q, -1, d), valid.reshape(b * q, -1)
+            parts.append((self.decoder.embed(answer_ids.reshape(b * q, la)),
+                          answer_mask.reshape(b * q, la)))
+        emb = jnp.concatenate([p[0] for p in parts], axis=1)
+        valid = jnp.concatenate([p[1].astype(bool) for p in parts], axis=1)
+        return emb, valid
 
-    def _answer_source_slots(self, prompt_mask, answer_len: int, nv: int) -> jax.Array:
-        """`[B, Q, La]` slot whose hidden state predicts each answer token."""
+    def _sequence(self, vision, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
+        """The whole per-question sequence `[B*Q, P0 + Lr, D]` and its validity (generation,
+        diagnostics: the training forward never repeats the shared prefix)."""
+        b, q = prompt_ids.shape[:2]
+        shared = self._shared_prefix(vision)
+        p0, d = shared.shape[1:]
+        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        shared = jnp.broadcast_to(shared[:, None], (b, q, p0, d)).reshape(b * q, p0, d)
+        return (jnp.concatenate([shared, rest], axis=1),
+                jnp.concatenate([jnp.ones((b * q, p0), bool), valid], axis=1))
+
+    def _answer_source_slots(self, prompt_mask, answer_len: int) -> jax.Array:
+        """`[B, Q, La]` slot, in the question part, whose hidden state predicts each answer token."""
         k, lp = self.cfg.num_latents, prompt_mask.shape[-1]
         n_prompt = prompt_mask.sum(-1).astype(jnp.int32)  # [B, Q]
-        if self.cfg.latent_position == "before_question":
-            first = nv + k + n_prompt - 1  # last real question token
+        if self.cfg.latent_position == "after_question" and k:
+            first = jnp.broadcast_to(jnp.int32(lp + k - 1), n_prompt.shape)  # last latent
+            answer_start = lp + k
         else:
-            first = jnp.broadcast_to(jnp.int32(nv + lp + k - 1), n_prompt.shape)  # last latent
-            if k == 0:
-                first = nv + n_prompt - 1
-        answer_start = nv + k + lp
+            first = n_prompt - 1  # last real question token
+            answer_start = lp
         j = jnp.arange(answer_len, dtype=jnp.int32)
         return jnp.where(j == 0, first[..., None], answer_start + j - 1)
+
+    def _decode_questions(self, vision, prompt_ids, prompt_mask, answer_ids, answer_mask):
+        """Hidden states of every question part `[B*Q, Lr, D]`.
+
+        The shared prefix runs once per sample into a KV cache, which every question of the sample
+        then attends to: Q times less prefix work than decoding each question's full sequence
+        (the prefix never sees what follows it, so the result is the same).
+        """
+        b, q = prompt_ids.shape[:2]
+        shared = self._shared_prefix(vision)
+        p0 = shared.shape[1]
+        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        cache = generate_lib.init_cache(self.cfg.decoder, b, p0 + rest.shape[1])
+        positions = jnp.broadcast_to(jnp.arange(p0, dtype=jnp.int32), (b, p0))
+        _, cache = self.decoder.hidden(shared, positions=positions, cache=cache, cache_index=0)
+        cache = generate_lib.repeat_cache(cache, q)
+        hidden, _ = self.decoder.hidden(
+            rest, positions=p0 + generate_lib.positions_from_mask(valid),
+            segment_ids=valid.astype(jnp.int32), cache=cache, cache_index=p0)
+        return hidden
 
     def __call__(self, images, prompt_ids, prompt_mask, answer_ids, answer_mask) -> dict:
         """Training forward.
@@ -212,10 +252,8 @@ class Student(nnx.Module):
         p = self.cfg.aggregator.patch_size
         layers, patches = self.encode_images(images)
         vision = self.vision_tokens(patches, (hh // p, ww // p))
-        emb, valid = self._sequence(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
-        positions = generate_lib.positions_from_mask(valid)
-        hidden, _ = self.decoder.hidden(emb, positions=positions, segment_ids=valid.astype(jnp.int32))
-        slots = self._answer_source_slots(prompt_mask, la, vision.shape[1]).reshape(b * q, la)
+        hidden = self._decode_questions(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
+        slots = self._answer_source_slots(prompt_mask, la).reshape(b * q, la)
         answer_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1).reshape(b, q, la, -1)
         out = {"answer_hidden": answer_hidden, "vision_tokens": vision}
         if self.depth_head is not None:

@@ -57,14 +57,25 @@ class LossSpec:
     chunked: bool
     chunk_size: int
     kendall_range: tuple[float, float] = KENDALL_RANGE
+    static_weights: tuple[tuple[str, float], ...] = tuple(STATIC_WEIGHTS.items())
+    dwa_temperature: float = DWA_TEMPERATURE
 
 
-def loss_spec(config: ml_collections.ConfigDict, *,
-              kendall_range: tuple[float, float] = KENDALL_RANGE) -> LossSpec:
+def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
     """The tasks the config enables and how they are weighted."""
     lc = config.loss
     if lc.weighting not in WEIGHTINGS:
         raise ValueError(f"config.loss.weighting = {lc.weighting!r}: must be one of {WEIGHTINGS}")
+    lo, hi = (float(x) for x in lc.kendall_range)
+    if not lo < hi:
+        raise ValueError(f"config.loss.kendall_range = {tuple(lc.kendall_range)}: needs min < max "
+                         "(bounds of the learned log-variances)")
+    static = {t: float(w) for t, w in lc.static_weights.items()}
+    if set(static) != set(STATIC_WEIGHTS) or min(static.values()) < 0:
+        raise ValueError(f"config.loss.static_weights = {static}: give a weight >= 0 for each of "
+                         f"{sorted(STATIC_WEIGHTS)}")
+    if not lc.dwa_temperature > 0:
+        raise ValueError(f"config.loss.dwa_temperature = {lc.dwa_temperature}: must be > 0")
     tasks = ["text"]
     if lc.depth and config.model.depth_head.enabled:
         tasks.append("depth")
@@ -72,7 +83,9 @@ def loss_spec(config: ml_collections.ConfigDict, *,
         tasks.append("det")
     return LossSpec(tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
                     temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
-                    chunk_size=int(lc.chunk_size), kendall_range=tuple(kendall_range))
+                    chunk_size=int(lc.chunk_size), kendall_range=(lo, hi),
+                    static_weights=tuple(sorted(static.items())),
+                    dwa_temperature=float(lc.dwa_temperature))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,9 +160,10 @@ def combine(losses, kendall_params, dwa_state, spec: LossSpec):
             s_min=spec.kendall_range[0], s_max=spec.kendall_range[1])
         return total, m, dwa_state
     if spec.weighting == "static":
-        total, m = weighting.static(losses, {t: STATIC_WEIGHTS[t] for t in spec.tasks})
+        weights = dict(spec.static_weights)
+        total, m = weighting.static(losses, {t: weights[t] for t in spec.tasks})
         return total, m, dwa_state
-    total, m, new_state = weighting.dwa(losses, dwa_state, temperature=DWA_TEMPERATURE)
+    total, m, new_state = weighting.dwa(losses, dwa_state, temperature=spec.dwa_temperature)
     return total, m, new_state
 
 

@@ -152,12 +152,15 @@ def batch_shapes(config: ml_collections.ConfigDict, meta: tr.TeacherMeta, shardi
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       verify_records: bool = True) -> None:
+                       verify_records: bool | None = None) -> None:
     """Trains the student on the teacher records of `config`, resuming from `workdir` if it holds
     a checkpoint; evaluates on the eval split every `train.eval_every` steps and at the end.
 
-    verify_records: validate every record (content hash included) once before training.
+    verify_records: validate every record (content hash included) once before training; None
+    reads `config.train.verify_records`.
     """
+    if verify_records is None:
+        verify_records = bool(config.train.verify_records)
     with contextlib.ExitStack() as cleanup:
         _train_and_evaluate(config, workdir, verify_records, cleanup)
 
