@@ -110,7 +110,8 @@ def run(config, steps: int) -> dict:
         vision_tokens=(config.data.image_size // cfg.aggregator.patch_size) ** 2
         + cfg.aggregator.patch_start_idx,
         hidden=cfg.decoder.hidden_size, vocab=cfg.decoder.vocab_size,
-        tied_embeddings=cfg.decoder.tie_word_embeddings, vision_frozen=cfg.freeze_vision)
+        tied_embeddings=cfg.decoder.tie_word_embeddings, vision_frozen=cfg.freeze_vision,
+        shared_prefix=cfg.shared_prefix_length(s))
     peak, how = metrics_lib.peak_flops(list(mesh.devices.flat))
     return {"tasks": spec.tasks, "params_m": sum(breakdown.values()) / 1e6, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": flops["decoder_tokens"] / step_s,

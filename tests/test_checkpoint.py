@@ -136,6 +136,13 @@ def test_flops_and_peak():
         {"decoder": 1000 + 10 * 4, "aggregator": 500}, batch=2, views=3, questions=5, sequence=7,
         answer_len=2, vision_tokens=11, hidden=4, vocab=10, tied_embeddings=True, vision_frozen=True)
     assert frozen["decoder"] == f["decoder"] and frozen["vision"] == f["vision"] / 3
+    # A 3-slot prefix shared by the 5 questions is decoded once per sample: 2 * (3 + 5 * 4) tokens.
+    shared = metrics_lib.train_flops_per_step(
+        {"decoder": 1000 + 2 * 10 * 4, "aggregator": 500}, batch=2, views=3, questions=5,
+        sequence=7, answer_len=2, vision_tokens=11, hidden=4, vocab=10, tied_embeddings=False,
+        vision_frozen=False, shared_prefix=3)
+    assert shared["decoder_tokens"] == 2 * (3 + 5 * 4)
+    assert shared["decoder"] == 6 * 1000 * 46 + 6 * 4 * 10 * 2 * 5 * 2
 
     def device(kind, platform="tpu", process=0):
         return types.SimpleNamespace(device_kind=kind, platform=platform, process_index=process)

@@ -79,6 +79,11 @@ class StudentConfig:
     def num_vision_tokens(self, num_views: int) -> int:
         return 1 if self.vision_pool == "mean1" else num_views * self.pool_grid**2
 
+    def shared_prefix_length(self, num_views: int) -> int:
+        """Slots every question of a sample shares (decoded once per sample): [V][T] or [V]."""
+        latents = self.num_latents if self.latent_position == "before_question" else 0
+        return self.num_vision_tokens(num_views) + latents
+
     def sequence_length(self, num_views: int, prompt_len: int, answer_len: int) -> int:
         return self.num_vision_tokens(num_views) + self.num_latents + prompt_len + answer_len
 

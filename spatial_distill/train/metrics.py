@@ -7,8 +7,9 @@ restored step (and a line cut short by a kill), so the file holds each step once
 
 MFU (DESIGN.md §5 `perf/mfu`) = analytic model FLOPs per step / step time / peak FLOP/s:
 - decoder: 6·N·tokens, N = its per-token parameters (the embedding table is a gather, not a
-  matmul), tokens = every slot of every question's padded sequence [V][T][Q][A]; plus the LM head
-  6·D·V per answer slot (the only positions projected to the vocabulary);
+  matmul), tokens = the shared prefix ([V][T]) once per sample plus every slot of every
+  question's padded rest ([Q][A]), as the student computes them; plus the LM head 6·D·V per
+  answer slot (the only positions projected to the vocabulary);
 - VGGT aggregator (with its DINO patch embed): 6·N·tokens over every frame's patch + special
   tokens, 2·N·tokens when frozen (forward only);
 - not counted: attention scores (quadratic in length, small at these lengths), the depth and
@@ -147,18 +148,19 @@ def truncate_jsonl(path: str, last_step: int) -> int:
 def train_flops_per_step(breakdown: Mapping[str, int], *, batch: int, views: int,
                          questions: int, sequence: int, answer_len: int, vision_tokens: int,
                          hidden: int, vocab: int, tied_embeddings: bool,
-                         vision_frozen: bool) -> dict[str, float]:
+                         vision_frozen: bool, shared_prefix: int = 0) -> dict[str, float]:
     """Analytic FLOPs of one train step (module docstring).
 
     breakdown: `parameter_breakdown(student)` (top-level component -> parameter count).
-    sequence: decoder slots per question (vision + latents + prompt + answer, padded);
+    sequence: decoder slots per question (vision + latents + prompt + answer, padded), of which
+    the first `shared_prefix` are decoded once per sample and read by every question;
     vision_tokens: aggregator tokens per frame (patches + camera/register tokens).
     Returns {"decoder", "vision", "total", "decoder_tokens"}.
     """
     # The decoder count includes its input embedding and LM head: neither is a per-token matmul
     # over the whole sequence (the head is applied to answer slots only, counted apart).
     per_token = breakdown.get("decoder", 0) - (1 if tied_embeddings else 2) * vocab * hidden
-    tokens = batch * questions * sequence
+    tokens = batch * (shared_prefix + questions * (sequence - shared_prefix))
     decoder = 6.0 * per_token * tokens + 6.0 * hidden * vocab * batch * questions * answer_len
     vis_tokens = batch * views * vision_tokens
     vision = (2.0 if vision_frozen else 6.0) * breakdown.get("aggregator", 0) * vis_tokens

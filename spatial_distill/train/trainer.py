@@ -276,7 +276,8 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
         vision_tokens=(config.data.image_size // model_cfg.aggregator.patch_size) ** 2
         + model_cfg.aggregator.patch_start_idx,
         hidden=model_cfg.decoder.hidden_size, vocab=model_cfg.decoder.vocab_size,
-        tied_embeddings=model_cfg.decoder.tie_word_embeddings, vision_frozen=model_cfg.freeze_vision)
+        tied_embeddings=model_cfg.decoder.tie_word_embeddings, vision_frozen=model_cfg.freeze_vision,
+        shared_prefix=model_cfg.shared_prefix_length(s))
     peak, peak_source = metrics_lib.peak_flops(list(mesh.devices.flat))
     log.info("%.3g model FLOPs per step; peak %.3g FLOP/s (%s)", flops["total"], peak, peak_source)
 
