@@ -53,7 +53,7 @@ def object_tokens(scene, max_objects: int) -> np.ndarray:
 def load_split(root: str, tok, *, max_objects: int, max_questions: int, max_len: int):
     """Object tokens `[N, O, F]`, question ids/mask `[N, Q, L]`, answers `[N, Q]` (1 = yes) and
     kind index `[N, Q]` (-1 = no question) for every scene under `root`."""
-    scenes = sorted(os.listdir(root))
+    scenes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     objs = np.zeros((len(scenes), max_objects, FEATURES), np.float32)
     ids = np.zeros((len(scenes), max_questions, max_len), np.int32)
     mask = np.zeros((len(scenes), max_questions, max_len), bool)
