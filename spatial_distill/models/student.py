@@ -12,11 +12,11 @@ The shared prefix ([V][T], or [V] with latents after the question) never sees wh
 so training decodes it once per sample into a KV cache that the sample's Q questions attend to,
 instead of once per question. Padding stays where the input pipeline put it; it gets segment id 0
 (it sees and is seen by no real token) and real tokens get contiguous RoPE positions from the
-cumulative sum of the mask, so the decoder computes exactly what it would on the compact sequence. Labels live on A only: the
-output is the hidden state that predicts each answer token (`answer_hidden [B, Q, La, D]`),
-aligned with `answer_ids`, and the losses project it to the vocabulary in chunks. The latent
-tokens T are learned embeddings (init N(0, 0.02^2)); they are never decoded, except by the
-diagnostic `latent_nearest_tokens`.
+cumulative sum of the mask, so the decoder computes exactly what it would on the compact
+sequence. Labels live on A only: the output is the hidden state that predicts each answer token
+(`answer_hidden [B, Q, La, D]`), aligned with `answer_ids`, and the losses project it to the
+vocabulary in chunks. The latent tokens T are learned embeddings (init N(0, 0.02^2)); they are
+never decoded, except by the diagnostic `latent_nearest_tokens`.
 
 Heads: depth (a VGGT DPT head, initialised from VGGT's when official weights are loaded) and the
 DETR-style 3D box head (`heads.py`), both reading the aggregator's tokens.
