@@ -102,16 +102,8 @@ def run(config, steps: int) -> dict:
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - t) / steps
 
-    s, lp, la = config.data.num_views, config.input.max_prompt_len, config.input.max_answer_len
     breakdown = student_lib.parameter_breakdown(abstract_model)
-    flops = metrics_lib.train_flops_per_step(
-        breakdown, batch=config.train.batch_size, views=s, questions=config.input.max_questions,
-        sequence=cfg.sequence_length(s, lp, la), answer_len=la,
-        vision_tokens=(config.data.image_size // cfg.aggregator.patch_size) ** 2
-        + cfg.aggregator.patch_start_idx,
-        hidden=cfg.decoder.hidden_size, vocab=cfg.decoder.vocab_size,
-        tied_embeddings=cfg.decoder.tie_word_embeddings, vision_frozen=cfg.freeze_vision,
-        shared_prefix=cfg.shared_prefix_length(s))
+    flops = metrics_lib.config_train_flops(config, cfg, breakdown, config.data.num_views)
     peak, how = metrics_lib.peak_flops(list(mesh.devices.flat))
     return {"tasks": spec.tasks, "params_m": sum(breakdown.values()) / 1e6, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": flops["decoder_tokens"] / step_s,

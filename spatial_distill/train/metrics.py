@@ -168,6 +168,23 @@ def train_flops_per_step(breakdown: Mapping[str, int], *, batch: int, views: int
             "decoder_tokens": float(tokens)}
 
 
+def config_train_flops(config, model_cfg, breakdown: Mapping[str, int],
+                       num_views: int) -> dict[str, float]:
+    """`train_flops_per_step` for a student config (`configs/student.py`) and its `StudentConfig`
+    at the input pipeline's static shapes (every question and token slot counted)."""
+    lp, la = config.input.max_prompt_len, config.input.max_answer_len
+    return train_flops_per_step(
+        breakdown, batch=config.train.batch_size, views=num_views,
+        questions=config.input.max_questions,
+        sequence=model_cfg.sequence_length(num_views, lp, la), answer_len=la,
+        vision_tokens=(config.data.image_size // model_cfg.aggregator.patch_size) ** 2
+        + model_cfg.aggregator.patch_start_idx,
+        hidden=model_cfg.decoder.hidden_size, vocab=model_cfg.decoder.vocab_size,
+        tied_embeddings=model_cfg.decoder.tie_word_embeddings,
+        vision_frozen=model_cfg.freeze_vision,
+        shared_prefix=model_cfg.shared_prefix_length(num_views))
+
+
 _CPU_PEAK: dict[int, float] = {}
 
 

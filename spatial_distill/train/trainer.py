@@ -269,15 +269,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
             n += 1
         return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
-    s, lp, la = meta.num_views, config.input.max_prompt_len, config.input.max_answer_len
-    flops = metrics_lib.train_flops_per_step(
-        breakdown, batch=config.train.batch_size, views=s, questions=config.input.max_questions,
-        sequence=model_cfg.sequence_length(s, lp, la), answer_len=la,
-        vision_tokens=(config.data.image_size // model_cfg.aggregator.patch_size) ** 2
-        + model_cfg.aggregator.patch_start_idx,
-        hidden=model_cfg.decoder.hidden_size, vocab=model_cfg.decoder.vocab_size,
-        tied_embeddings=model_cfg.decoder.tie_word_embeddings, vision_frozen=model_cfg.freeze_vision,
-        shared_prefix=model_cfg.shared_prefix_length(s))
+    flops = metrics_lib.config_train_flops(config, model_cfg, breakdown, meta.num_views)
     peak, peak_source = metrics_lib.peak_flops(list(mesh.devices.flat))
     log.info("%.3g model FLOPs per step; peak %.3g FLOP/s (%s)", flops["total"], peak, peak_source)
 
