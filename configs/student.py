@@ -10,34 +10,50 @@ Run:  python run.py --config=configs/student.py:tiny --workdir=/tmp/sd
 
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
+# The tiny VGGT the vision stage pretrained on the synthetic training scenes (its provenance,
+# command and held-out figures: the .json beside it). The tiny preset reads it frozen.
+TINY_VISION_CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / "spatial_distill"
+                             / "pretrained" / "vggt_tiny_synthetic.safetensors")
+
 PRESETS = {
     "tiny": dict(
         image_size=112, train=1000, eval=200, batch=8, steps=100, vocab=384,
-        vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4),
+        vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4,
+                    checkpoint=TINY_VISION_CHECKPOINT, frozen=True),
         decoder=dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=352, context=512),
         depth=dict(features=32, out_channels=(16, 32, 64, 64), layers=(0, 1, 2, 3)),
         det=dict(queries=16, dim=64, layers=2, heads=4, classes=3),
-        pool="grid2", latents=8, depth_head=False),
+        objects=dict(enabled=True, classes=3, hidden=128, camera_trunk=2, frozen=True),
+        pool="patch", latents=8, depth_head=False, det_head=False,
+        vision_stage=dict(steps=4000, batch=16, lr=2e-3, warmup=100)),
     "small": dict(
         image_size=224, train=4000, eval=500, batch=32, steps=20000, vocab=32000,
         vision=dict(embed_dim=384, depth=12, num_heads=6, vit_depth=12, vit_heads=6),
         decoder=dict(hidden=1024, layers=12, heads=16, kv_heads=16, mlp=2816, context=2048),
         depth=dict(features=128, out_channels=(96, 192, 384, 384), layers=(2, 5, 8, 11)),
         det=dict(queries=32, dim=256, layers=3, heads=8, classes=18),
-        pool="grid2", latents=8, depth_head=True),
-    # VGGT-1B aggregator and depth head, a 24-layer 2048-wide SwiGLU decoder: ~2.29B in total.
+        objects=dict(enabled=True, classes=18, hidden=256, camera_trunk=4, frozen=False),
+        pool="grid8", latents=8, depth_head=True, det_head=True,
+        vision_stage=dict(steps=20000, batch=32, lr=1e-3, warmup=1000)),
+    # VGGT-1B aggregator, depth and camera heads, a 24-layer 2048-wide SwiGLU decoder: ~2.29B.
     "paper": dict(
         image_size=518, train=4000, eval=500, batch=64, steps=20000, vocab=32000,
         vision=dict(embed_dim=1024, depth=24, num_heads=16, vit_depth=24, vit_heads=16),
         decoder=dict(hidden=2048, layers=24, heads=16, kv_heads=16, mlp=5504, context=2048),
         depth=dict(features=256, out_channels=(256, 512, 1024, 1024), layers=(4, 11, 17, 23)),
         det=dict(queries=64, dim=256, layers=6, heads=8, classes=18),
-        pool="grid2", latents=8, depth_head=True),
+        # The object head needs VGGT-1B's camera head (216M), beyond the paper's 2.29B budget:
+        # off here, `--config.model.object_head.enabled=True` adds both.
+        objects=dict(enabled=False, classes=18, hidden=512, camera_trunk=4, frozen=False),
+        pool="grid2", latents=8, depth_head=True, det_head=True,
+        vision_stage=dict(steps=20000, batch=64, lr=1e-4, warmup=1000)),
 }
 
 
@@ -106,10 +122,28 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.loss.chunk_size = 8192
     c.loss.weighting = "kendall"  # kendall | static | dwa
     c.loss.kendall_range = (-4.0, 4.0)  # clamp of the learned log-variances: weights in ~[0.02, 55]
-    c.loss.static_weights = {"text": 1.0, "depth": 0.15, "det": 0.35}  # the paper's static ablation
+    # The paper's static ablation (text 1, depth .15, det .35); the tasks it lacks get 1.
+    c.loss.static_weights = {"text": 1.0, "depth": 0.15, "det": 0.35, "ground": 1.0,
+                             "objects": 1.0, "camera": 1.0}
     c.loss.dwa_temperature = 2.0
+    c.loss.text = True  # KD + CE on the teacher's answers
+    # The answer position regresses the referred objects' boxes, class and colour in camera 0's
+    # frame (losses/grounding.py): without it the decoder stays at the text prior. False: ablation.
+    c.loss.grounding = True
+    c.loss.objects = True  # object head + camera head losses (only while the vision side trains)
+    c.loss.object_stride = 2  # ownership of every 2nd pixel (a divisor of the 14-px patch)
+    c.loss.object_margin = 0.02  # metres: a back-projected pixel within this of a box belongs to it
+    c.loss.object_min_fraction = 0.05  # of a patch's sampled pixels for the patch to see an object
     c.loss.depth = True
     c.loss.detection = True
+
+    c.vision = ml_collections.ConfigDict()  # the vision stage (config.mode=vision)
+    vs = p["vision_stage"]
+    c.vision.steps = vs["steps"]  # pretraining steps of the aggregator + camera and object heads
+    c.vision.batch_size = vs["batch"]
+    c.vision.learning_rate = vs["lr"]
+    c.vision.warmup_steps = vs["warmup"]
+    c.vision.eval_every = 500
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
@@ -126,8 +160,12 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     v.num_heads = p["vision"]["num_heads"]
     v.vit_depth = p["vision"]["vit_depth"]  # DINO patch-embed blocks
     v.vit_heads = p["vision"]["vit_heads"]
-    v.checkpoint = config_dict.placeholder(str)  # official VGGT weights (safetensors / .pt)
-    v.frozen = False  # stop gradients at the aggregator (the paper freezes VGGT)
+    # VGGT weights (safetensors / .pt): official VGGT-1B, or the vision stage's export.
+    v.checkpoint = p["vision"].get("checkpoint") or config_dict.placeholder(str)
+    # Pixels of the checkpoint's DINO pos-embed grid; None: 518 with a checkpoint (official
+    # VGGT's), else the image size.
+    v.pos_embed_size = p["image_size"] if v.checkpoint else config_dict.placeholder(int)
+    v.frozen = p["vision"].get("frozen", False)  # stop gradients at the aggregator (the paper freezes VGGT)
     v.dtype = "float32"  # aggregator compute dtype (heads always float32)
     v.remat = False
 
@@ -139,13 +177,17 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     d.num_kv_heads = p["decoder"]["kv_heads"]
     d.intermediate_size = p["decoder"]["mlp"]
     d.max_position_embeddings = p["decoder"]["context"]
+    # A local Hugging Face Llama-family directory to start the decoder from (shapes and vocabulary
+    # must match the fields here; its tokenizer goes in config.tokenizer.path).
+    d.checkpoint = config_dict.placeholder(str)
     d.rope_theta = 10000.0
+    d.rms_norm_eps = 1e-5
     d.tie_word_embeddings = False
     d.scan_layers = True
     d.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     d.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
 
-    m.vision_pool = p["pool"]  # mean1 (the paper's single token) | grid<g> per view
+    m.vision_pool = p["pool"]  # mean1 (the paper's single token) | grid<g> per view | patch (all)
     m.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
     m.latent_position = "before_question"  # before_question [V][T][Q][A] | after_question [V][Q][T][A]
 
@@ -157,8 +199,23 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     dh.out_channels = p["depth"]["out_channels"]
     dh.layers = p["depth"]["layers"]  # aggregator layers the DPT reads
 
+    o = m.object_head = ml_collections.ConfigDict()  # dense per-patch objects (object_head.py)
+    o.enabled = p["objects"]["enabled"]  # also adds VGGT's camera head, which places the objects
+    o.num_classes = p["objects"]["classes"]
+    o.hidden = p["objects"]["hidden"]
+    o.camera_trunk_depth = p["objects"]["camera_trunk"]  # VGGT-1B's camera head has 4
+    # Freeze the object and camera heads (pretrained by the vision stage, as in `tiny`); unfrozen
+    # they train with the `objects` and `camera` losses.
+    o.frozen = p["objects"]["frozen"]
+
+    # The grounding head on the first answer position (losses/grounding.py).
+    m.grounding = True
+
     det = m.det_head = ml_collections.ConfigDict()  # DETR-style 3D boxes
-    det.enabled = True
+    # The tiny preset reads objects from the object head; a DETR head from scratch stays on its
+    # no-object plateau for thousands of steps while its loss (~12) dominates the clipped
+    # gradient (docs/learning.md).
+    det.enabled = p["det_head"]
     det.num_queries = p["det"]["queries"]
     det.dim = p["det"]["dim"]
     det.num_layers = p["det"]["layers"]

@@ -25,6 +25,8 @@ N = max_boxes. Padding: ids 0, floats 0, masks False, labels / qa_kind -1.
   topk_ids       int32   [b, Q, La, K]
   topk_logprobs  float32 [b, Q, La, K]  teacher log-probs at the dump temperature
   logsumexp      float32 [b, Q, La]
+  referred       int32   [b, Q, 2]      the objects a question refers to (subject, reference) as
+                                        indices into its sample's boxes, -1 where it names fewer
 
 A sample longer than a limit (questions, prompt, answer, boxes) is an error naming the sample,
 field, length and limit: answers are never truncated. The images must already have `image_size`
@@ -45,14 +47,17 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import teacher_records as tr
-from data_pipelines.sample import QA_KINDS
+from data_pipelines.sample import QA_KINDS, REFERRING_KINDS
 
 
 class InputError(ValueError):
     """Bad pipeline configuration or a sample that does not fit it; the message says the fix."""
 
 
-_QUESTION_FEATURES = ("qa_kind", "prompt_ids", "answer_ids", "topk_ids", "topk_logprobs", "logsumexp")
+_QUESTION_FEATURES = ("qa_kind", "subjects", "prompt_ids", "answer_ids", "topk_ids", "topk_logprobs",
+                      "logsumexp")
+MAX_REFERRED = 2  # subject and reference
+_REFERRING = [QA_KINDS.index(k) for k in REFERRING_KINDS]
 # Columns of the per-sample `_check` vector, compared against the config limits after batching.
 _LIMITS = (("qa", "max_questions"), ("prompt_ids", "max_prompt_len"), ("answer_ids", "max_answer_len"),
            ("boxes", "max_boxes"))
@@ -65,13 +70,16 @@ class InputPipeline:
     repeats forever; process_index/count default to jax's. shuffle_buffer: raw records held for
     shuffling (memory ~ buffer x record size, ~40 KiB-1.6 MiB per 4-view record at 518x518);
     cycle_length: shards read at once. `state` resumes from `InputPipeline.state()`.
+    require_referred: every question of a referring kind (`sample.REFERRING_KINDS`) must name
+    its objects (the grounding loss needs them); one that does not is an error naming the sample.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
                  shuffle: bool = True, num_epochs: int | None = None, image_size: Sequence[int],
                  max_questions: int, max_prompt_len: int, max_answer_len: int, max_boxes: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 state: dict | None = None, shuffle_buffer: int = 128, cycle_length: int = 8):
+                 state: dict | None = None, shuffle_buffer: int = 128, cycle_length: int = 8,
+                 require_referred: bool = False):
         self.data_dir, self.split, self.seed, self.shuffle = str(data_dir), split, int(seed), shuffle
         self.num_epochs, self.batch_size = num_epochs, int(batch_size)
         self.image_size = tuple(int(x) for x in image_size)
@@ -80,6 +88,7 @@ class InputPipeline:
         self.process_index = jax.process_index() if process_index is None else int(process_index)
         self.process_count = jax.process_count() if process_count is None else int(process_count)
         self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
+        self.require_referred = require_referred
         self.meta = meta = tr.read_meta(data_dir)
         where = f"{data_dir}/{tr.META_FILE}"
 
@@ -221,6 +230,8 @@ class InputPipeline:
         logprobs = tf.RaggedTensor.from_row_lengths(
             tf.reshape(tf.cast(flat(q["topk_logprobs"], tf.float16), tf.float32), [-1, k]), alen)
         lse = tf.RaggedTensor.from_row_lengths(flat(q["logsumexp"], tf.float32), alen)
+        subjects = tf.RaggedTensor.from_row_lengths(flat(q["subjects"], tf.int32),
+                                                    tf.strings.length(q["subjects"]) // 4)
         match = tf.equal(q["qa_kind"][:, None], tf.constant(QA_KINDS)[None, :])
         known = tf.reduce_any(match, axis=1)
         kind = tf.where(known, tf.argmax(tf.cast(match, tf.int32), axis=1, output_type=tf.int32), -1)
@@ -254,9 +265,11 @@ class InputPipeline:
             "topk_ids": topk.to_tensor(0, shape=[qn, la, k]),
             "topk_logprobs": logprobs.to_tensor(0.0, shape=[qn, la, k]),
             "logsumexp": lse.to_tensor(0.0, shape=[qn, la]),
+            "referred": subjects.to_tensor(-1, shape=[qn, MAX_REFERRED]),
             "_sample_id": f["sample_id"],
             "_check": tf.concat([tf.stack([nq, longest(prompt), longest(answer), nboxes,
-                                           tf.cast(tf.reduce_all(known), tf.int32)]), header], 0),
+                                           tf.cast(tf.reduce_all(known), tf.int32)]), header,
+                                 [longest(subjects)]], 0),
         }
 
     def _check(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,6 +295,20 @@ class InputPipeline:
             if not check[r, 7]:
                 raise InputError(f"sample {sid!r}: field 'topk_ids_dtype' differs from "
                                  f"{tr.META_FILE}'s {m.topk_ids_dtype!r}")
+            if self.require_referred:
+                kinds = batch["qa_kind"][r]
+                missing = np.flatnonzero(batch["question_mask"][r] & np.isin(kinds, _REFERRING)
+                                         & (batch["referred"][r, :, 0] < 0))
+                if missing.size:
+                    q = int(missing[0])
+                    raise InputError(
+                        f"sample {sid!r}: question {q} ({QA_KINDS[kinds[q]]}) has no referred object "
+                        "ids (field 'subjects' of the teacher records), which the grounding loss "
+                        "needs: re-dump the records from data that store them, or set "
+                        "config.loss.grounding=False")
+            if check[r, 8] > MAX_REFERRED:
+                raise InputError(f"sample {sid!r}: field 'subjects' names {check[r, 8]} objects in "
+                                 f"one question; at most {MAX_REFERRED} (subject, reference) are read")
         return batch
 
     def _locate(self, err: tf.errors.OpError) -> Exception:

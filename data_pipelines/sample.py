@@ -16,6 +16,8 @@ import dataclasses
 import numpy as np
 
 QA_KINDS = ("proximity", "contact", "size", "orientation", "describe")
+# Kinds whose questions name objects: their QA carries the referred ids (subject, reference).
+REFERRING_KINDS = ("proximity", "contact", "size", "orientation")
 
 
 class SampleError(ValueError):
@@ -24,7 +26,8 @@ class SampleError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class QA:
-    """One question about a scene. `subjects` are indices into the sample's boxes."""
+    """One question about a scene. `subjects` are the objects it refers to, as indices into the
+    sample's boxes, in template order: (subject, reference) for "Is the {a} near the {b}?"."""
 
     question: str
     answer: str
@@ -139,6 +142,9 @@ class Sample:
                 fail(f"qa[{i}].kind", f"must be one of {QA_KINDS}, got {qa.kind!r}")
             if not qa.question or not qa.answer:
                 fail(f"qa[{i}]", "must have a non-empty question and answer")
-            if any(not 0 <= j < n for j in qa.subjects):
-                fail(f"qa[{i}].subjects", f"must index the {n} boxes, got {list(qa.subjects)}")
+            bad = [j for j in qa.subjects if not 0 <= j < n]
+            if bad:
+                fail(f"qa[{i}].subjects", f"refers to object id {bad[0]}, which is not one of the "
+                                          f"scene's {n} boxes (question {qa.question!r}); fix the "
+                                          "QA's referred ids")
         return self

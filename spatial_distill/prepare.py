@@ -84,7 +84,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "max_question_tokens": max(lengths["question"], default=0),
         "max_answer_tokens": max(lengths["answer"], default=0),
     }
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+    path = os.path.join(workdir, "data_stats.json")
+    with open(path, "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
-    print(json.dumps(stats, indent=2, sort_keys=True))
+    for split in ("train", "eval"):
+        st = stats[split]
+        o = st["objects_per_scene"]
+        print(f"  {split:<5} {st['scenes']} scenes, {o['min']}-{o['max']} objects (mean "
+              f"{o['mean']:.1f}), {sum(st['qa_per_kind'].values())} questions "
+              f"({', '.join(f'{k} {v}' for k, v in st['qa_per_kind'].items())})")
+    print(f"  tokenizer: {tok.backend}, vocabulary {tok.vocab_size}; statistics in {path}")
     return stats

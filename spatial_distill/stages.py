@@ -2,32 +2,42 @@
 
 `pipeline` runs every stage in order on the configured data; `data` prepares the data (scenes,
 tokenizer, statistics), `dump` writes the teacher records, `train` trains the student, `eval`
-scores the latest checkpoint on the held-out scenes.
+scores the latest checkpoint on the held-out scenes. `vision` pretrains the student's VGGT on the
+training scenes (not part of the pipeline: its export is what `model.vision.checkpoint` loads).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from spatial_distill import prepare
+from spatial_distill import console, prepare
 from spatial_distill.eval import stage as eval_stage
 from spatial_distill.teacher import dump
-from spatial_distill.train import trainer
+from spatial_distill.train import trainer, vision
 
 STAGES = {
     "data": prepare.prepare_data,
     "dump": dump.dump,
     "train": trainer.train_and_evaluate,
     "eval": eval_stage.evaluate,
+    "vision": vision.pretrain,
 }
 PIPELINE = ("data", "dump", "train", "eval")
 
 
+WHAT = {
+    "data": "scenes, tokenizer and statistics",
+    "dump": "teacher answers to every question -> records",
+    "train": "the student on the teacher records",
+    "eval": "held-out questions, answered and scored against the geometry",
+    "vision": "pretraining the student's VGGT on the training scenes",
+}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if config.mode == "pipeline":
-        for name in PIPELINE:
-            STAGES[name](config, workdir)
-        return
-    if config.mode not in STAGES:
+    names = PIPELINE if config.mode == "pipeline" else (config.mode,)
+    if any(n not in STAGES for n in names):
         raise ValueError(f"config.mode = {config.mode!r}: choose one of {sorted(STAGES) + ['pipeline']}")
-    STAGES[config.mode](config, workdir)
+    for i, name in enumerate(names, 1):
+        console.stage(i, len(names), name, WHAT[name])
+        STAGES[name](config, workdir)

@@ -186,7 +186,10 @@ def test_resize_bilinear_align_corners_matches_torch(src, dst):
                                            align_corners=True).numpy()
     resize = jax.jit(resize_bilinear_align_corners, static_argnums=1)
     got = resize(jnp.asarray(np.moveaxis(x, 1, -1)), dst)
-    np.testing.assert_allclose(np.moveaxis(np.asarray(got), -1, 1), want, atol=2e-6, rtol=0)
+    # Each output is a 4-tap convex combination of inputs: torch and XLA may order the
+    # multiply-adds differently, so they agree within a few float32 roundings of the input scale.
+    tol = 8 * np.finfo(np.float32).eps * np.abs(x).max()
+    np.testing.assert_allclose(np.moveaxis(np.asarray(got), -1, 1), want, atol=tol, rtol=0)
 
 
 def test_resize_bilinear_reproduces_affine_maps_and_corners():

@@ -48,7 +48,8 @@ def expected_row(rec):
            "qa_kind": np.full(q, -1, np.int32), "prompt_ids": np.zeros((q, p), np.int32),
            "prompt_mask": np.zeros((q, p), bool), "answer_ids": np.zeros((q, a), np.int32),
            "answer_mask": np.zeros((q, a), bool), "topk_ids": np.zeros((q, a, 4), np.int32),
-           "topk_logprobs": np.zeros((q, a, 4), np.float32), "logsumexp": np.zeros((q, a), np.float32)}
+           "topk_logprobs": np.zeros((q, a, 4), np.float32), "logsumexp": np.zeros((q, a), np.float32),
+           "referred": np.full((q, 2), -1, np.int32)}
     row["boxes"][:len(s.boxes)] = s.boxes
     row["labels"][:len(s.labels)] = s.labels
     for i, ans in enumerate(rec.answers):
@@ -59,6 +60,8 @@ def expected_row(rec):
         row["topk_ids"][i, :la] = ans.topk_ids
         row["topk_logprobs"][i, :la] = ans.topk_logprobs.astype(np.float32)
         row["logsumexp"][i, :la] = ans.logsumexp
+        ids = s.qa[i].subjects
+        row["referred"][i, :len(ids)] = ids
     return row
 
 
@@ -73,12 +76,13 @@ def test_batches_hold_exactly_the_records(dataset):
     assert len(batches) == NUM_RECORDS // 2
     dtypes = {"rgb": np.uint8, "depth": np.float32, "box_mask": np.bool_, "labels": np.int32,
               "qa_kind": np.int32, "prompt_ids": np.int32, "prompt_mask": np.bool_, "topk_ids": np.int32,
-              "topk_logprobs": np.float32, "logsumexp": np.float32, "question_mask": np.bool_}
+              "topk_logprobs": np.float32, "logsumexp": np.float32, "question_mask": np.bool_,
+              "referred": np.int32}
     shapes = {"rgb": (2, 2, 12, 16, 3), "depth": (2, 2, 12, 16), "intrinsics": (2, 2, 3, 3),
               "cam_to_world": (2, 2, 4, 4), "boxes": (2, 4, 7), "box_mask": (2, 4), "labels": (2, 4),
               "question_mask": (2, 3), "qa_kind": (2, 3), "prompt_ids": (2, 3, 8), "prompt_mask": (2, 3, 8),
               "answer_ids": (2, 3, 5), "answer_mask": (2, 3, 5), "topk_ids": (2, 3, 5, 4),
-              "topk_logprobs": (2, 3, 5, 4), "logsumexp": (2, 3, 5)}
+              "topk_logprobs": (2, 3, 5, 4), "logsumexp": (2, 3, 5), "referred": (2, 3, 2)}
     for b in batches:
         assert {k: v.shape for k, v in b.items()} == shapes
         assert all(b[k].dtype == d for k, d in dtypes.items())
@@ -90,6 +94,15 @@ def test_batches_hold_exactly_the_records(dataset):
             want = expected_row(by_pose[b["cam_to_world"][i].tobytes()])
             for key, value in want.items():
                 np.testing.assert_array_equal(b[key][i], value, err_msg=key)
+
+
+def test_grounding_needs_referred_ids(dataset):
+    data_dir, records = dataset
+    assert any(len(qa.subjects) == 2 for r in records for qa in r.sample.qa)
+    # Some questions of a referring kind name no object in these records: named, with the fix.
+    with pytest.raises(InputError, match=r"sample '.+': question \d \((proximity|contact|size|"
+                                         r"orientation)\) has no referred object ids .*re-dump"):
+        list(pipeline(data_dir, shuffle=False, num_epochs=1, require_referred=True))
 
 
 def _assert_same(xs, ys):

@@ -220,8 +220,11 @@ def small():
 def test_scan_and_loop_agree(small):
     scanned, looped = small
     ids = _ids((2, 16), seed=4)
-    # Both compiled, the two layouts run the same per-layer program: equal to float rounding.
-    np.testing.assert_allclose(_logits(scanned, ids), _logits(looped, ids), atol=1e-6, rtol=0)
+    # Both compiled, the two layouts run the same per-layer program, but XLA may fuse and
+    # vectorise a scan body and an unrolled layer differently (and differently per CPU), so
+    # they agree to float32 rounding: a few ulps of the logits' magnitude, not bit for bit.
+    a, b = _logits(scanned, ids), _logits(looped, ids)
+    np.testing.assert_allclose(a, b, atol=16 * np.finfo(np.float32).eps * np.abs(a).max(), rtol=0)
 
 
 def _remat_policies_in(jaxpr, found):

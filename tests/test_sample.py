@@ -39,7 +39,7 @@ def test_valid_sample_passes():
     (dict(boxes=np.array([[0, 0, 0, 1, 0, 1, 0]] * 2, np.float32)), "box 0 has a non-positive size 0.0"),
     (dict(labels=np.zeros((3,), np.int32)), "field 'labels' must have 2 entries"),
     (dict(qa=(QA("q?", "yes", "colour"),)), r"field 'qa\[0\].kind' must be one of"),
-    (dict(qa=(QA("q?", "yes", "contact", (0, 5)),)), r"field 'qa\[0\].subjects' must index the 2 boxes"),
+    (dict(qa=(QA("q?", "yes", "contact", (0, 5)),)), r"field 'qa\[0\].subjects' refers to object id 5, which is not one of the scene's 2 boxes \(question 'q\?'\)"),
 ])
 def test_bad_fields_are_named(change, msg):
     with pytest.raises(SampleError, match=msg):

@@ -19,7 +19,14 @@ B, Q, S, LP, LA = 2, 3, 2, 7, 4
 
 
 def tiny_cfg(**overrides) -> st.StudentConfig:
+    """The tiny preset's student at 56 px with a small decoder, pooled patch tokens and no heads
+    (the object-token path has its own tests below)."""
     c = student_configs.get_config("tiny")
+    c.model.vision.checkpoint = None
+    c.model.vision.pos_embed_size = None
+    c.model.object_head.enabled = False
+    c.model.vision_pool = "grid2"
+    c.model.grounding = False
     cfg = st.config_from(c.model, 56)
     small_decoder = dataclasses.replace(cfg.decoder, vocab_size=64, hidden_size=32, num_layers=2,
                                         num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -71,9 +78,7 @@ def _compact_rows(model: st.Student, vision, prompt, pm, answer=None, am=None):
 
 
 def _vision(model, images):
-    p = model.cfg.aggregator.patch_size
-    _, patches = model.encode_images(jnp.asarray(images))
-    return model.vision_tokens(patches, (images.shape[2] // p, images.shape[3] // p))
+    return model.see(jnp.asarray(images))["vision"]
 
 
 @nnx.jit
@@ -194,7 +199,9 @@ def test_bf16_forward_close_to_f32():
 
 def test_heads_and_mean1_pooling_shapes():
     c = student_configs.get_config("tiny")
-    c.model.depth_head.enabled = True
+    c.model.depth_head.enabled = c.model.det_head.enabled = True
+    c.model.object_head.enabled = c.model.grounding = False
+    c.model.vision.checkpoint = None
     cfg = dataclasses.replace(st.config_from(c.model, 56), vision_pool="mean1")
     model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
@@ -275,3 +282,55 @@ def test_paper_preset_size():
     teacher = json.loads(MANIFEST.read_text())["total_params"]
     assert teacher / total >= 3.0
 
+
+
+def object_cfg(**overrides) -> st.StudentConfig:
+    """The tiny preset's object-token student (object + camera heads, a token per patch,
+    grounding head) at 56 px with random weights and a small decoder."""
+    c = student_configs.get_config("tiny")
+    c.model.vision.checkpoint = None
+    c.model.vision.pos_embed_size = None
+    cfg = st.config_from(c.model, 56)
+    small_decoder = dataclasses.replace(cfg.decoder, vocab_size=64, hidden_size=32, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return dataclasses.replace(cfg, decoder=small_decoder, **overrides)
+
+
+def test_object_tokens_carry_the_object_fields_and_grounding_reads_the_answer_position():
+    cfg = object_cfg()
+    assert cfg.vision_pool == "patch" and cfg.grounding and cfg.freeze_vision and cfg.freeze_objects
+    model = st.create(cfg, 0)
+    images, prompt, pm, answer, am = batch()
+    out = forward(model, jnp.asarray(images), prompt, pm, answer, am)
+    assert out["vision_tokens"].shape == (B, S * 16, 32)  # 4 x 4 patches per 56-px view
+    assert out["object_raw"].shape == (B, S, 16, cfg.object_head.num_raw)
+    assert len(out["pose_enc_list"]) == 4 and out["pose_enc_list"][-1].shape == (B, S, 9)
+    assert out["grounding"].shape == (B, Q, 2, 8 + 3 + 3)
+    # The grounding head reads the hidden state that predicts the first answer token.
+    want = model.grounding_head(out["answer_hidden"][:, :, 0]).reshape(B, Q, 2, -1)
+    np.testing.assert_allclose(np.asarray(out["grounding"]), np.asarray(want), atol=1e-5)
+    # The fields the decoder reads: the centre channels are the composed object centres.
+    seen = model.see(jnp.asarray(images))
+    fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)
+    from spatial_distill.models.object_head import cameras
+    ext, intr = cameras(seen["pose_enc_list"][-1], (56, 56))
+    centres = model.object_head.centres(seen["object_raw"], ext, intr, (4, 4), 14)
+    np.testing.assert_allclose(np.asarray(fields[..., 7:10]), np.asarray(centres), atol=1e-5)
+    assert fields.shape[-1] == cfg.object_head.num_features
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_vision_and_object_heads_get_no_gradient_from_the_decoder(frozen):
+    cfg = object_cfg(freeze_vision=frozen, freeze_objects=frozen)
+    model = st.create(cfg, 0)
+    images, prompt, pm, answer, am = batch()
+
+    def loss(m):
+        out = m(jnp.asarray(images), prompt, pm, answer, am)
+        return jnp.mean(out["answer_hidden"] ** 2) + jnp.mean(out["grounding"] ** 2)
+
+    grads = nnx.grad(loss)(model)
+    norm = lambda part: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[part])))
+    for part in ("aggregator", "object_head", "camera_head"):
+        assert (norm(part) == 0) == frozen, part
+    assert norm("proj_in") > 0 and norm("grounding_head") > 0

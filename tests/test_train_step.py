@@ -1,6 +1,8 @@
-"""The loss over a batch and the train step: camera-0 frame, schedule, optimizer masks, task
-weighting, gradient accumulation, the NaN guard on a real step (text + depth + detection)."""
+"""The loss over a batch and the train step: schedule, optimizer masks, task weighting, gradient
+accumulation, the NaN guard on a real step (text + grounding + depth + detection). The camera-0
+frames are tested in test_geometry.py."""
 
+import dataclasses
 import functools
 
 import jax
@@ -22,46 +24,6 @@ B, S, Q, LP, LA, K, N = 2, 2, 3, 6, 4, 8, 3
 
 def compile_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
-
-
-# ------------------------------------------------------------------------ camera 0 frame
-
-
-def test_boxes_in_camera0_frame_known_pose():
-    eye = np.array([1.0, 2.0, 1.5])
-    looking_along_y = look_at(eye, eye + np.array([0.0, 3.0, -1.0]))  # heading +90°, tilted down
-    straight_down = np.eye(4)
-    straight_down[:3, :3] = np.stack([[1.0, 0, 0], [0, -1.0, 0], [0, 0, -1.0]], axis=1)
-    straight_down[:3, 3] = eye  # no horizontal optical axis: image "up" (world +y) is the heading
-    boxes = np.array([[1.0, 5.0, 0.5, 0.4, 0.5, 0.6, 0.3],   # 3 m ahead, 1 m down
-                      [0.0, 2.0, 1.5, 1.0, 1.0, 1.0, -3.0]], np.float32)  # 1 m to the left
-    want = np.array([[3.0, 0.0, -1.0, 0.4, 0.5, 0.6, 0.3 - np.pi / 2],
-                     [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, -3.0 - np.pi / 2 + 2 * np.pi]], np.float32)
-    for pose in (looking_along_y, straight_down):
-        cams = np.stack([pose, np.eye(4)])[None].astype(np.float32)  # view 1 must not matter
-        got = step_lib.boxes_in_camera0_frame(jnp.asarray(boxes[None]), jnp.asarray(cams))
-        np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-5)
-
-
-def test_camera0_frame_ignores_the_world_origin_and_heading():
-    r = np.random.default_rng(0)
-    boxes = np.concatenate([r.uniform(-3, 3, (B, N, 3)), r.uniform(0.2, 1, (B, N, 3)),
-                            r.uniform(-np.pi, np.pi, (B, N, 1))], -1).astype(np.float32)
-    cams = np.stack([[look_at(r.uniform(-4, 4, 3), r.uniform(-1, 1, 3)) for _ in range(S)]
-                     for _ in range(B)]).astype(np.float32)
-    phi, shift = 1.1, np.array([5.0, -2.0, 0.3])
-    rz = np.array([[np.cos(phi), -np.sin(phi), 0], [np.sin(phi), np.cos(phi), 0], [0, 0, 1]])
-    moved_boxes = boxes.copy()
-    moved_boxes[..., :3] = boxes[..., :3] @ rz.T + shift
-    moved_boxes[..., 6] = boxes[..., 6] + phi
-    moved_cams = cams.copy()
-    moved_cams[..., :3, :3] = rz @ cams[..., :3, :3]
-    moved_cams[..., :3, 3] = cams[..., :3, 3] @ rz.T + shift
-    a = step_lib.boxes_in_camera0_frame(jnp.asarray(boxes), jnp.asarray(cams))
-    b = step_lib.boxes_in_camera0_frame(jnp.asarray(moved_boxes), jnp.asarray(moved_cams))
-    np.testing.assert_allclose(np.asarray(a[..., :6]), np.asarray(b[..., :6]), atol=1e-4)
-    dyaw = np.asarray(a[..., 6] - b[..., 6])
-    np.testing.assert_allclose(np.abs(np.sin(dyaw)), 0, atol=1e-5)  # equal modulo a full turn
 
 
 # ------------------------------------------------------------------------ schedule, optimizer
@@ -205,6 +167,7 @@ def make_batch(seed: int, vocab: int) -> dict:
         "topk_ids": np.where(am[..., None], top, 0).astype(np.int32),
         "topk_logprobs": np.where(am[..., None], np.take_along_axis(logp, top, -1), 0).astype(np.float32),
         "logsumexp": np.zeros((B, Q, LA), np.float32),
+        "referred": np.array([[[0, 1], [1, 0], [-1, -1]], [[0, -1], [0, -1], [-1, -1]]], np.int32),
     }
 
 
@@ -226,7 +189,7 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     config = tiny_config(heads=True, **{"train.warmup_steps": 0, "train.accum_steps": 2})
     cfg, _ = abstract_student
     state, kw, tx, schedule = setup_step(config, cfg)
-    assert kw["spec"].tasks == ("depth", "det", "text")
+    assert kw["spec"].tasks == ("depth", "det", "ground", "text")  # objects: frozen (pretrained)
     good = make_batch(0, cfg.decoder.vocab_size)
     bad = dict(good, topk_logprobs=np.where(good["answer_mask"][..., None], np.nan,
                                             good["topk_logprobs"]).astype(np.float32))
@@ -248,10 +211,11 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     m = {k: float(v) for k, v in m.items()}
     assert (m["learning/nonfinite_steps"], m["learning/nonfinite_run"]) == (1, 0)
     assert m["learning/lr"] == pytest.approx(1e-3)  # the first applied update: schedule(0)
-    # Kendall at s = 0: text (classification) weight 1, depth and det (regression) 0.5.
-    assert [m["weights/text"], m["weights/depth"], m["weights/det"]] == [1.0, 0.5, 0.5]
-    np.testing.assert_allclose(m["learning/loss"],
-                               m["aux/text"] + 0.5 * m["aux/depth"] + 0.5 * m["aux/det"], rtol=1e-6)
+    # Kendall at s = 0: text (classification) weight 1, depth, det and ground (regression) 0.5.
+    assert [m[f"weights/{t}"] for t in ("text", "depth", "det", "ground")] == [1.0, 0.5, 0.5, 0.5]
+    np.testing.assert_allclose(m["learning/loss"], m["aux/text"] + 0.5 * (
+        m["aux/depth"] + m["aux/det"] + m["aux/ground"]), rtol=1e-6)
+    assert m["ground/referred"] == 3.0  # (4 + 2) / 2 micro-batches
     assert m["det/num_gt"] == 1.5 and 0 < m["distill/teacher_topk_mass"] < 1  # (2 + 1) / 2
     assert all(np.isfinite(v) for v in m.values())
     new = jax.tree.map(np.asarray, state)
@@ -259,8 +223,10 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     def moved(a, b):
         return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    for part in ("aggregator", "decoder", "latents", "depth_head", "det_head", "proj_in"):
+    for part in ("decoder", "latents", "depth_head", "det_head", "proj_in", "grounding_head"):
         assert moved(after.params["student"][part], new.params["student"][part]), part
+    for part in ("aggregator", "camera_head", "object_head"):  # the preset freezes them
+        assert not moved(after.params["student"][part], new.params["student"][part]), part
     assert moved(after.params["kendall"], new.params["kendall"])
 
 
@@ -297,24 +263,74 @@ def test_vggt_weights_fill_the_aggregator_and_depth_head(tmp_path):
     def build(key):
         return student_lib.Student(cfg, rngs=nnx.Rngs(params=key))
 
-    # An "official" checkpoint: another student's aggregator and depth head, plus a camera head.
+    # An "official" checkpoint: another student's aggregator, depth and camera heads, plus a
+    # point head the student has no use for.
     source = nnx.eval_shape(lambda: build(jax.random.PRNGKey(1)))
     r = np.random.default_rng(0)
     nnx.update(source, jax.tree.map(lambda a: r.normal(size=a.shape).astype(a.dtype),
                                     nnx.state(source)))
     tensors = {**source.aggregator.export_torch("aggregator"),
                **source.depth_head.export_torch("depth_head"),
-               "camera_head.trunk.0.weight": np.zeros((4, 4), np.float32)}
+               **source.camera_head.export_torch("camera_head"),
+               "point_head.norm.weight": np.zeros((4,), np.float32)}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path / "vggt.safetensors")
 
     got = step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)
     want = nnx.state(source).to_pure_dict()
-    assert sorted(got) == ["aggregator", "depth_head"]
+    assert sorted(got) == ["aggregator", "camera_head", "depth_head"]  # no object head keys: random
     for part in got:
         for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The vision stage's export also holds the object head: loaded too.
+    save_file({k: np.ascontiguousarray(v) for k, v in
+               {**tensors, **source.object_head.export_torch("object_head")}.items()},
+              tmp_path / "vggt.safetensors")
+    got = step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)
+    for a, b in zip(jax.tree.leaves(got["object_head"]), jax.tree.leaves(want["object_head"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     del tensors["aggregator.camera_token"]
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path / "vggt.safetensors")
     with pytest.raises(CheckpointMismatchError, match="aggregator.camera_token"):
         step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)
+
+
+def test_decoder_weights_from_a_hugging_face_llama(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from spatial_distill.models import llama
+
+    config = tiny_config()
+    cfg = student_lib.config_from(config.model, 56).decoder
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # O(1) logits: the default init gives ~0
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 2 else 0.1) + (1.0 if p.ndim == 1 else 0.0))
+    hf.save_pretrained(tmp_path / "llama", safe_serialization=True)
+
+    pure = step_lib.decoder_weights(cfg, str(tmp_path / "llama"))
+    decoder = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(decoder)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(decoder, state)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    ours = np.asarray(decoder(ids))
+    np.testing.assert_array_equal(ours, np.asarray(llama.from_hf(str(tmp_path / "llama"))(ids)))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(np.asarray(ids, np.int64))).logits.numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max())
+
+    other = dataclasses.replace(cfg, vocab_size=384)
+    with pytest.raises(step_lib.DecoderMismatchError,
+                       match="the pretrained decoder's vocabulary is 300 but config.model.decoder has 384"):
+        step_lib.decoder_weights(other, str(tmp_path / "llama"))
+    with pytest.raises(step_lib.DecoderMismatchError, match="hidden_size = 32 but config.model.decoder has 64"):
+        step_lib.decoder_weights(dataclasses.replace(cfg, hidden_size=64, head_dim=16), str(tmp_path / "llama"))
+    with pytest.raises(FileNotFoundError, match="needs a local Hugging Face model directory"):
+        step_lib.decoder_weights(cfg, str(tmp_path / "missing"))

@@ -52,6 +52,10 @@ def tiny_config(records: str | None = None, tokenizer: str | None = None, *, hea
     c.input.max_questions = 24
     v = c.model.vision
     v.embed_dim, v.depth, v.num_heads, v.vit_depth, v.vit_heads = 32, 1, 2, 1, 2
+    # The tiny preset's frozen vision side, object tokens and grounding, with random weights (the
+    # shipped checkpoint has the full tiny widths; test_vision.py loads it).
+    v.checkpoint, v.pos_embed_size = None, None
+    c.model.object_head.hidden = 16
     m = c.model.decoder
     m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size = 32, 2, 4, 2, 64
     dh = c.model.depth_head

@@ -6,7 +6,6 @@ Writes `WORKDIR/eval/metrics.json` (`grounded/<kind>_acc`, `grounded/overall_acc
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -43,7 +42,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_prompt_len=config.input.max_prompt_len, max_new_tokens=config.input.max_answer_len,
         predictions_path=os.path.join(eval_dir, "predictions.jsonl"))
     path = grounded.write_metrics(metrics, eval_dir)
-    print(f"grounded evaluation ({path}):")
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
-                     indent=1, sort_keys=True))
+    print(summary(metrics))
+    print(f"  metrics in {path}, answers in {os.path.join(eval_dir, 'predictions.jsonl')}")
     return metrics
+
+
+def summary(metrics: dict) -> str:
+    """The held-out accuracies as a small table (student, teacher, retention per kind)."""
+    kinds = sorted({k.split("/")[1][:-4] for k in metrics if k.startswith("grounded/") and k.endswith("_acc")},
+                   key=lambda k: (k == "overall", k))
+    rows = [f"  {'kind':<12} {'student':>8} {'teacher':>8} {'questions':>10}"]
+    for k in kinds:
+        rows.append(f"  {k:<12} {metrics[f'grounded/{k}_acc']:>8.3f} {metrics[f'teacher/{k}_acc']:>8.3f} "
+                    f"{metrics[f'grounded/{k}_n']:>10d}")
+    return "\n".join(rows)

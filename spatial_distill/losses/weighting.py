@@ -8,7 +8,8 @@ Kendall et al. 2018, with learned `s_i = log σ_i²` clamped to [s_min, s_max]:
 - classification form      exp(−s)·L + 0.5·s   (softmax with a learned temperature)
 `DEFAULT_FORMS` says which task uses which: the text (KD + CE) and spatial-relation losses are
 softmax likelihoods → classification; depth and detection are dominated by regression terms
-(L1 depth; L1 box + GIoU carry 7 of the 9 default detection weight) → regression.
+(L1 depth; L1 box + GIoU carry 7 of the 9 default detection weight) → regression, as are the
+grounding, object and camera losses (L1 attributes, positions and pose encodings).
 The clamp's gradient passes whenever it points back into the range (gradient descent moving s
 inwards), so an `s` pushed past a bound can return; a plain clip would freeze it there.
 
@@ -29,7 +30,8 @@ from flax import nnx
 
 FORMS = ("regression", "classification")
 DEFAULT_FORMS = {"text": "classification", "relations": "classification",
-                 "depth": "regression", "det": "regression"}
+                 "depth": "regression", "det": "regression", "ground": "regression",
+                 "objects": "regression", "camera": "regression"}
 
 
 def _check_tasks(where: str, losses: Mapping, table: Mapping, table_name: str) -> None:

@@ -100,7 +100,8 @@ class DetectionHead(nnx.Module):
         # 3 centre + 3 log-size + (sin, cos) of yaw.
         self.box_out = _dense(cfg.dim, 8, ("mlp", None), rngs)
 
-    def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None):
+    def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None, *,
+                 return_hidden: bool = False):
         """tokens [B, N, token_dim] (all views' patch tokens), token_mask [B, N] bool.
 
         Returns (logits [B, Nq, num_classes + 1], boxes [B, Nq, 7]) in float32.
@@ -116,4 +117,5 @@ class DetectionHead(nnx.Module):
         centre = raw[..., 0:3]
         size = jax.nn.softplus(raw[..., 3:6]) + 1e-3
         yaw = jnp.arctan2(raw[..., 6], raw[..., 7] + 1.0)  # +1: yaw starts near 0, not at the atan2 branch cut
-        return logits, jnp.concatenate([centre, size, yaw[..., None]], axis=-1)
+        boxes = jnp.concatenate([centre, size, yaw[..., None]], axis=-1)
+        return (logits, boxes, q) if return_hidden else (logits, boxes)

@@ -1,9 +1,14 @@
 """The student (DESIGN.md §4): VGGT tokens -> projector -> Llama decoder with Hidden-CoT latents.
 
 Per sample, the VGGT aggregator runs once over its S views; the last layer's patch tokens are
-pooled per view to a `g x g` grid (`grid<g>`), or, with `mean1`, averaged over every view and
-patch into the paper's single vision token; then projected to the decoder width by a 2-layer MLP. Every
-question of the sample then reads the same vision prefix:
+pooled per view to a `g x g` grid (`grid<g>`), kept one per patch (`patch`), or, with `mean1`,
+averaged over every view and patch into the paper's single vision token; then projected to the
+decoder width by a 2-layer MLP. With the object head (`object_head.py`), each patch token also
+carries what the head reads there: objectness, class and colour of the object it sees and that
+object's box in camera 0's frame, composed with the camera head's predicted cameras (VGGT's
+camera head, also part of the student then). These explicit, low-dimensional object fields are
+what lets a decoder trained from scratch bind "the red box" to its geometry (docs/learning.md).
+Every question of the sample then reads the same vision prefix:
 
     before_question (paper):  [V (S*g*g)] [T1..TK] [Q (Lp, right-padded)] [A (La, right-padded)]
     after_question:           [V] [Q] [T1..TK] [A]
@@ -18,8 +23,10 @@ sequence. Labels live on A only: the output is the hidden state that predicts ea
 vocabulary in chunks. The latent tokens T are learned embeddings (init N(0, 0.02^2)); they are
 never decoded, except by the diagnostic `latent_nearest_tokens`.
 
-Heads: depth (a VGGT DPT head, initialised from VGGT's when official weights are loaded) and the
-DETR-style 3D box head (`heads.py`), both reading the aggregator's tokens.
+Heads: depth (a VGGT DPT head, initialised from VGGT's when official weights are loaded), the
+DETR-style 3D box head (`heads.py`), both reading the aggregator's tokens, and the grounding head:
+a linear readout of the hidden state that predicts the first answer token, regressing the
+attributes of the objects the question refers to (`losses/grounding.py`).
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import numpy as np
 from flax import nnx
 
 from spatial_distill import generate as generate_lib
+from spatial_distill import geometry
+from spatial_distill.models.camera_head import CameraHead, CameraHeadConfig
 from spatial_distill.models.dpt import DPTConfig, DPTHead
 from spatial_distill.models.heads import DetectionHead, DetHeadConfig
 from spatial_distill.models.llama import Llama, LlamaConfig
+from spatial_distill.models.object_head import ObjectHead, ObjectHeadConfig
 from spatial_distill.models.vggt import Aggregator, AggregatorConfig, PatchEmbedConfig
 from spatial_distill.sharding import constrain
 
@@ -50,10 +60,17 @@ class StudentConfig:
     decoder: LlamaConfig
     depth_head: DPTConfig | None = None
     det_head: DetHeadConfig | None = None
-    vision_pool: str = "grid2"  # "mean1" (one token per sample, the paper's) or "grid<g>" (g*g per view)
+    camera_head: CameraHeadConfig | None = None  # VGGT's; required by the object head
+    object_head: ObjectHeadConfig | None = None
+    grounding: bool = False  # the grounding readout head on the first answer position
+    image_size: int = 0  # square input frames in pixels (the `patch` pooling needs the grid)
+    # "mean1" (one token per sample, the paper's), "grid<g>" (g*g per view) or "patch" (every
+    # patch of every view).
+    vision_pool: str = "grid2"
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"
     freeze_vision: bool = False  # stop gradients at the aggregator output
+    freeze_objects: bool = False  # and at the camera and object heads' outputs
     vision_dtype: str = "float32"  # aggregator compute dtype; heads run in float32 regardless
     remat_vision: bool = False
 
@@ -64,6 +81,12 @@ class StudentConfig:
         if self.num_latents < 0:
             raise ValueError(f"StudentConfig.num_latents = {self.num_latents} must be >= 0")
         self.pool_grid  # validates vision_pool
+        if self.object_head is not None and self.camera_head is None:
+            raise ValueError("StudentConfig.object_head needs camera_head: the object centres are "
+                             "composed with the predicted cameras")
+        if self.camera_head is not None and self.camera_head.dim_in != 2 * self.aggregator.embed_dim:
+            raise ValueError(f"camera_head.dim_in = {self.camera_head.dim_in} must be twice the "
+                             f"aggregator width {self.aggregator.embed_dim}")
         if self.depth_head is not None and self.depth_head.dim_in != 2 * self.aggregator.embed_dim:
             raise ValueError(f"depth_head.dim_in = {self.depth_head.dim_in} must be twice the "
                              f"aggregator width {self.aggregator.embed_dim}")
@@ -72,9 +95,16 @@ class StudentConfig:
     def pool_grid(self) -> int:
         if self.vision_pool == "mean1":
             return 1
+        if self.vision_pool == "patch":
+            if self.image_size < 1 or self.image_size % self.aggregator.patch_size:
+                raise ValueError(f"StudentConfig.vision_pool = 'patch' needs image_size (got "
+                                 f"{self.image_size}), a multiple of the patch size "
+                                 f"{self.aggregator.patch_size}")
+            return self.image_size // self.aggregator.patch_size
         if self.vision_pool.startswith("grid") and self.vision_pool[4:].isdigit() and int(self.vision_pool[4:]) > 0:
             return int(self.vision_pool[4:])
-        raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1' or 'grid<g>' (e.g. grid2)")
+        raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1', 'patch' or "
+                         "'grid<g>' (e.g. grid2)")
 
     def num_vision_tokens(self, num_views: int) -> int:
         return 1 if self.vision_pool == "mean1" else num_views * self.pool_grid**2
@@ -130,13 +160,19 @@ class Student(nnx.Module):
             fast = nnx.Rngs(params=rngs.params())
         self.aggregator = Aggregator(cfg.aggregator, cfg.patch_embed, dtype=jnp.dtype(cfg.vision_dtype),
                                      remat=cfg.remat_vision, rngs=fast)
-        self.proj_in = _dense(vision_width, d, ("embed", "mlp"), fast)
+        self.camera_head = CameraHead(cfg.camera_head, rngs=fast) if cfg.camera_head else None
+        self.object_head = ObjectHead(cfg.object_head, vision_width, rngs=fast) if cfg.object_head else None
+        token_width = vision_width + (cfg.object_head.num_features if cfg.object_head else 0)
+        self.proj_in = _dense(token_width, d, ("embed", "mlp"), fast)
         self.proj_out = _dense(d, d, ("mlp", "embed"), fast)
         self.decoder = Llama(cfg.decoder, rngs=rngs)
         self.latents = (nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(
             fast.params(), (cfg.num_latents, d))) if cfg.num_latents else None)
         self.depth_head = DPTHead(cfg.depth_head, rngs=fast) if cfg.depth_head else None
         self.det_head = DetectionHead(cfg.det_head, vision_width, rngs=fast) if cfg.det_head else None
+        # Subject and reference: attributes, class logits and colour of each.
+        self.grounding_head = (_dense(d, 2 * grounding_width(cfg), ("embed", None), fast)
+                               if cfg.grounding else None)
 
     # -- vision --------------------------------------------------------------------------------
     def _layers_needed(self) -> list[int]:
@@ -152,14 +188,43 @@ class Student(nnx.Module):
             layers = [None if t is None else jax.lax.stop_gradient(t) for t in layers]
         return layers, layers[-1][:, :, psi:, :]
 
-    def vision_tokens(self, patches: jax.Array, hw: tuple[int, int]) -> jax.Array:
-        """patches `[B, S, h*w, 2C]` -> projected vision tokens `[B, Nv, D]` (compute dtype)."""
+    def see(self, images: jax.Array) -> dict:
+        """Everything the student reads off the images once per sample.
+
+        images `[B, S, H, W, 3]` in [0, 1]. Returns `layers` (aggregator outputs), `patches`
+        `[B, S, h*w, 2C]`, `vision` (projected tokens `[B, Nv, D]`), and with the camera and object
+        heads `pose_enc_list` (list of `[B, S, 9]`) and `object_raw` `[B, S, h*w, F]`.
+        """
+        hh, ww = images.shape[2:4]
+        p = self.cfg.aggregator.patch_size
+        layers, patches = self.encode_images(images)
+        out = {"layers": layers, "patches": patches}
+        fields = None
+        if self.camera_head is not None:
+            out["pose_enc_list"] = self.camera_head([layers[-1]])
+        if self.object_head is not None:
+            out["object_raw"] = raw = self.object_head(patches)
+            fields = self.object_head.features(raw, out["pose_enc_list"][-1], (hh, ww), p)
+            if self.cfg.freeze_objects:  # the decoder's losses stop at the frozen heads
+                fields = jax.lax.stop_gradient(fields)
+        out["vision"] = self.vision_tokens(patches, (hh // p, ww // p), fields)
+        return out
+
+    def vision_tokens(self, patches: jax.Array, hw: tuple[int, int],
+                      object_fields: jax.Array | None = None) -> jax.Array:
+        """patches `[B, S, h*w, 2C]` (and the object head's per-patch fields `[B, S, h*w, F]`)
+        -> projected vision tokens `[B, Nv, D]` (compute dtype)."""
         b = patches.shape[0]
+        x = patches.astype(jnp.float32)
+        if object_fields is not None:
+            x = jnp.concatenate([x, object_fields.astype(jnp.float32)], -1)
         if self.cfg.vision_pool == "mean1":
-            pooled = patches.astype(jnp.float32).mean(axis=(1, 2))[:, None]  # [B, 1, 2C]
+            pooled = x.mean(axis=(1, 2))[:, None]  # [B, 1, C']
+        elif self.cfg.vision_pool == "patch":
+            pooled = x.reshape(b, -1, x.shape[-1])
         else:
             pool = jnp.asarray(pooling_matrix(hw[0], hw[1], self.cfg.pool_grid))
-            pooled = jnp.einsum("gp,bspc->bsgc", pool, patches.astype(jnp.float32))
+            pooled = jnp.einsum("gp,bspc->bsgc", pool, x)
             pooled = pooled.reshape(b, -1, pooled.shape[-1])
         x = self.proj_out(jax.nn.gelu(self.proj_in(pooled), approximate=False))
         return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
@@ -237,16 +302,19 @@ class Student(nnx.Module):
             segment_ids=valid.astype(jnp.int32), cache=cache, cache_index=p0)
         return hidden
 
-    def __call__(self, images, prompt_ids, prompt_mask, answer_ids, answer_mask) -> dict:
+    def __call__(self, images, prompt_ids, prompt_mask, answer_ids, answer_mask, *,
+                 text: bool = True) -> dict:
         """Training forward.
 
         Args:
           images: `[B, S, H, W, 3]` float in [0, 1] (or uint8, divided by 255).
           prompt_ids / prompt_mask: `[B, Q, Lp]` int / bool, right-padded.
           answer_ids / answer_mask: `[B, Q, La]` int / bool, right-padded (teacher answer, EOS incl.).
-        Returns dict: `answer_hidden [B, Q, La, D]`, `vision_tokens [B, Nv, D]`, and when the heads
-        exist `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`, `det_logits [B, Nq, C+1]`,
-        `det_boxes [B, Nq, 7]`.
+          text: run the decoder (False: vision outputs only, as the vision stage trains them).
+        Returns dict: `answer_hidden [B, Q, La, D]` (text), `vision_tokens [B, Nv, D]`, and when
+        the heads exist `grounding [B, Q, 2, F]` (text), `pose_enc_list` (list of `[B, S, 9]`),
+        `object_raw [B, S, h*w, F]`, `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`,
+        `det_logits [B, Nq, C+1]`, `det_boxes [B, Nq, 7]`.
         """
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 255.0
@@ -254,13 +322,20 @@ class Student(nnx.Module):
         q, lp = prompt_ids.shape[1:]
         la = answer_ids.shape[-1]
         self.cfg.check_lengths(s, lp, la)
-        p = self.cfg.aggregator.patch_size
-        layers, patches = self.encode_images(images)
-        vision = self.vision_tokens(patches, (hh // p, ww // p))
-        hidden = self._decode_questions(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
-        slots = self._answer_source_slots(prompt_mask, la).reshape(b * q, la)
-        answer_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1).reshape(b, q, la, -1)
-        out = {"answer_hidden": answer_hidden, "vision_tokens": vision}
+        seen = self.see(images)
+        layers, patches, vision = seen["layers"], seen["patches"], seen["vision"]
+        out = {"vision_tokens": vision}
+        for key in ("pose_enc_list", "object_raw"):
+            if key in seen:
+                out[key] = seen[key]
+        if text:
+            hidden = self._decode_questions(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
+            slots = self._answer_source_slots(prompt_mask, la).reshape(b * q, la)
+            answer_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1).reshape(b, q, la, -1)
+            out["answer_hidden"] = answer_hidden
+            if self.grounding_head is not None:
+                g = self.grounding_head(answer_hidden[:, :, 0].astype(jnp.float32))
+                out["grounding"] = g.reshape(b, q, 2, -1)
         if self.depth_head is not None:
             depth, conf = self.depth_head(layers, (hh, ww), self.cfg.aggregator.patch_start_idx)
             out["depth"], out["depth_conf"] = depth[..., 0], conf
@@ -281,10 +356,7 @@ class Student(nnx.Module):
         """
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 255.0
-        hh, ww = images.shape[2:4]
-        p = self.cfg.aggregator.patch_size
-        _, patches = self.encode_images(images)
-        vision = self.vision_tokens(patches, (hh // p, ww // p))
+        vision = self.see(images)["vision"]
         emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
         length = valid.shape[1]
         # Stable order: pads first, then real tokens in their original order.
@@ -315,10 +387,7 @@ class Student(nnx.Module):
             raise ValueError("latent_nearest_tokens: the model has no latent tokens (num_latents=0)")
         b, q, lp = prompt_ids.shape
         images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-        hh, ww = images.shape[2:4]
-        p = self.cfg.aggregator.patch_size
-        _, patches = self.encode_images(images)
-        vision = self.vision_tokens(patches, (hh // p, ww // p))
+        vision = self.see(images)["vision"]
         emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
         hidden, _ = self.decoder.hidden(emb, positions=generate_lib.positions_from_mask(valid),
                                         segment_ids=valid.astype(jnp.int32))
@@ -333,6 +402,14 @@ class Student(nnx.Module):
                 "embedding_nearest": jnp.argmax(cos, -1)}
 
 
+def grounding_width(cfg: StudentConfig) -> int:
+    """Per referred object, the grounding head predicts `geometry.ATTRIBUTES`, class logits and
+    colour (classes from the object or detection head; 3 primitives without either)."""
+    classes = (cfg.object_head.num_classes if cfg.object_head else
+               cfg.det_head.num_classes if cfg.det_head else 3)
+    return geometry.NUM_ATTRIBUTES + classes + 3
+
+
 def parameter_breakdown(model: nnx.Module) -> dict[str, int]:
     """Parameter count per top-level component (works on `nnx.eval_shape` models)."""
     counts: dict[str, int] = {}
@@ -344,11 +421,12 @@ def parameter_breakdown(model: nnx.Module) -> dict[str, int]:
 def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentConfig:
     """`StudentConfig` from the `config.model` section of `configs/student.py`.
 
-    The DINO pos-embed grid is sized for `image_size` when training from scratch; an official
-    VGGT checkpoint brings its own 518-pixel grid (resized at run time, as upstream does).
+    The DINO pos-embed grid is sized for `model.vision.pos_embed_size` pixels: by default
+    `image_size` when training from scratch and 518 with a checkpoint (official VGGT's grid;
+    resized at run time, as upstream does).
     """
     v, d = model.vision, model.decoder
-    grid_px = 518 if v.checkpoint else image_size
+    grid_px = v.pos_embed_size or (518 if v.checkpoint else image_size)
     aggregator = AggregatorConfig(img_size=grid_px, embed_dim=v.embed_dim, depth=v.depth,
                                   num_heads=v.num_heads)
     patch_embed = PatchEmbedConfig(img_size=grid_px, embed_dim=v.embed_dim, depth=v.vit_depth,
@@ -356,7 +434,8 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
     decoder = LlamaConfig(
         vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
         num_layers=d.num_layers, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
-        rope_theta=d.rope_theta, max_position_embeddings=d.max_position_embeddings,
+        rope_theta=d.rope_theta, rms_norm_eps=d.rms_norm_eps,
+        max_position_embeddings=d.max_position_embeddings,
         tie_word_embeddings=d.tie_word_embeddings, scan_layers=d.scan_layers,
         remat_policy=d.remat_policy, dtype=d.dtype)
     depth = None
@@ -370,10 +449,18 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
         h = model.det_head
         det = DetHeadConfig(num_queries=h.num_queries, num_classes=h.num_classes, dim=h.dim,
                             num_layers=h.num_layers, num_heads=h.num_heads)
+    camera = obj = None
+    if model.object_head.enabled:
+        o = model.object_head
+        obj = ObjectHeadConfig(num_classes=o.num_classes, hidden=o.hidden)
+        camera = CameraHeadConfig(dim_in=2 * v.embed_dim, trunk_depth=o.camera_trunk_depth,
+                                  num_heads=v.num_heads)
     return StudentConfig(aggregator=aggregator, patch_embed=patch_embed, decoder=decoder,
-                         depth_head=depth, det_head=det, vision_pool=model.vision_pool,
+                         depth_head=depth, det_head=det, camera_head=camera, object_head=obj,
+                         grounding=bool(model.grounding), image_size=image_size,
+                         vision_pool=model.vision_pool,
                          num_latents=model.num_latents, latent_position=model.latent_position,
-                         freeze_vision=v.frozen, vision_dtype=v.dtype, remat_vision=v.remat)
+                         freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen), vision_dtype=v.dtype, remat_vision=v.remat)
 
 
 def create(cfg: StudentConfig, seed: int = 0, *, abstract: bool = False) -> Student:

@@ -123,7 +123,8 @@ def dump(config: ml_collections.ConfigDict, workdir: str) -> str:
                 tr.write_shard(out_dir, split, index, n_shards, records(), meta)
     meta = tr.write_meta(out_dir, meta)
     counts = {s: {k: v for k, v in meta.splits[s].items() if k != "shard_records"} for s in SPLITS}
-    print(f"teacher records in {out_dir}: {counts}")
+    print(f"  records in {out_dir}: " + "; ".join(
+        f"{s} {c['num_records']} samples, {c['num_questions']} questions" for s, c in counts.items()))
     return out_dir
 
 

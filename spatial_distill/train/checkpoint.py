@@ -32,7 +32,8 @@ import spatial_distill
 
 # Model fields that change how the model computes but neither its parameters nor the optimizer
 # state (`vision.frozen` does change the latter: frozen parameters carry no Adam moments).
-NON_STRUCTURAL = ("vision.dtype", "vision.remat", "decoder.dtype", "decoder.remat_policy")
+NON_STRUCTURAL = ("vision.dtype", "vision.remat", "decoder.dtype", "decoder.remat_policy",
+                  "vision.checkpoint", "decoder.checkpoint")
 
 
 class CheckpointError(ValueError):

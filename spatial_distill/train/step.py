@@ -4,11 +4,15 @@ A batch is the input pipeline's dict (`data_pipelines/input_pipeline.py`) as glo
 step the student runs once on `rgb / 255` and every question of the sample, and the enabled tasks
 are combined by `config.loss.weighting`:
 
-  text   `kd_loss` on the answer tokens of real questions (`answer_mask & question_mask`)
-  depth  confidence-weighted L1 + gradient loss against the GT depth (when `loss.depth` and the
-         depth head is enabled)
-  det    Hungarian-matched 3D box loss (when `loss.detection` and the detection head is enabled),
-         GT boxes moved into camera 0's gravity-aligned frame (`boxes_in_camera0_frame`)
+  text     `kd_loss` on the answer tokens of real questions (`answer_mask & question_mask`)
+  ground   the grounding head's attributes of the objects each question refers to
+           (`losses/grounding.py`), targets in camera 0's frame (`geometry.py`)
+  objects  the object head's dense per-patch objects and VGGT's camera loss
+  camera   (`losses/objects.py`), while the vision side trains (the vision stage)
+  depth    confidence-weighted L1 + gradient loss against the GT depth (when `loss.depth` and
+           the depth head is enabled)
+  det      Hungarian-matched 3D box loss (when `loss.detection` and the detection head is
+           enabled), GT boxes in camera 0's gravity-aligned frame (`boxes_in_camera0_frame`)
 
 The train state is a pytree (`TrainState`): params `{"student": ..., "kendall": ...}` as plain
 nested dicts (the nnx state's pure form: orbax and optax see ordinary trees), the optax state, the
@@ -20,6 +24,7 @@ advances `step` and the counters; the loop decides when to stop.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 
 import jax
@@ -30,19 +35,28 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spatial_distill import sharding
+from spatial_distill.geometry import boxes_in_camera0_frame
 from spatial_distill.losses import weighting
 from spatial_distill.losses.depth import depth_loss
 from spatial_distill.losses.detection import detection_loss
 from spatial_distill.losses.distill import kd_loss
+from spatial_distill.losses.grounding import grounding_loss
+from spatial_distill.losses.objects import camera_loss, object_loss, object_targets
+from spatial_distill.models import llama as llama_lib
+from spatial_distill.models.llama import LlamaConfig
+from spatial_distill.models.object_head import cameras as object_cameras
 from spatial_distill.models.state_dict import StateDict, load_tensors
 from spatial_distill.sharding import constrain
 
 WEIGHTINGS = ("kendall", "static", "dwa")
-# The paper's static ablation weights (text 1, depth regression .15, detection .35).
-STATIC_WEIGHTS = {"text": 1.0, "depth": 0.15, "det": 0.35}
+# The paper's static ablation weights (text 1, depth regression .15, detection .35); the tasks it
+# does not have get 1 (grounding, objects, camera).
+STATIC_WEIGHTS = {"text": 1.0, "depth": 0.15, "det": 0.35, "ground": 1.0, "objects": 1.0,
+                  "camera": 1.0}
 # Clamp of the Kendall log-variances s_i: weights exp(-s) stay within ~[0.02, 55].
 KENDALL_RANGE = (-4.0, 4.0)
 DWA_TEMPERATURE = 2.0
+TASKS = tuple(STATIC_WEIGHTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +73,28 @@ class LossSpec:
     kendall_range: tuple[float, float] = KENDALL_RANGE
     static_weights: tuple[tuple[str, float], ...] = tuple(STATIC_WEIGHTS.items())
     dwa_temperature: float = DWA_TEMPERATURE
+    # Object ownership (losses/objects.py): pixel stride, box margin (m), patch fraction.
+    object_stride: int = 2
+    object_margin: float = 0.02
+    object_min_fraction: float = 0.05
+
+    @property
+    def needs_object_targets(self) -> bool:
+        return "objects" in self.tasks or "ground" in self.tasks
+
+    @property
+    def runs_decoder(self) -> bool:
+        return "text" in self.tasks or "ground" in self.tasks
 
 
 def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
-    """The tasks the config enables and how they are weighted."""
-    lc = config.loss
+    """The tasks the config enables and how they are weighted.
+
+    Tasks: `text` (KD + CE, `loss.text`), `ground` (`loss.grounding`, needs the grounding head),
+    `objects` and `camera` (`loss.objects`, need the object head, and only while it trains: with
+    `model.object_head.frozen` they would only measure), `depth`, `det`.
+    """
+    lc, m = config.loss, config.model
     if lc.weighting not in WEIGHTINGS:
         raise ValueError(f"config.loss.weighting = {lc.weighting!r}: must be one of {WEIGHTINGS}")
     lo, hi = (float(x) for x in lc.kendall_range)
@@ -71,55 +102,42 @@ def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
         raise ValueError(f"config.loss.kendall_range = {tuple(lc.kendall_range)}: needs min < max "
                          "(bounds of the learned log-variances)")
     static = {t: float(w) for t, w in lc.static_weights.items()}
-    if set(static) != set(STATIC_WEIGHTS) or min(static.values()) < 0:
-        raise ValueError(f"config.loss.static_weights = {static}: give a weight >= 0 for each of "
-                         f"{sorted(STATIC_WEIGHTS)}")
+    unknown = sorted(set(static) - set(TASKS))
+    if unknown or min(static.values(), default=0) < 0:
+        raise ValueError(f"config.loss.static_weights = {static}: weights must be >= 0 and keyed by "
+                         f"tasks among {list(TASKS)} (unknown: {unknown})")
     if not lc.dwa_temperature > 0:
         raise ValueError(f"config.loss.dwa_temperature = {lc.dwa_temperature}: must be > 0")
-    tasks = ["text"]
-    if lc.depth and config.model.depth_head.enabled:
+    tasks = ["text"] if lc.text else []
+    if lc.grounding:
+        if not m.grounding:
+            raise ValueError("config.loss.grounding = True needs the grounding head: set "
+                             "config.model.grounding = True (or loss.grounding = False)")
+        tasks.append("ground")
+    if lc.objects and m.object_head.enabled and not m.object_head.frozen:
+        tasks += ["objects", "camera"]
+    if lc.depth and m.depth_head.enabled:
         tasks.append("depth")
-    if lc.detection and config.model.det_head.enabled:
+    if lc.detection and m.det_head.enabled:
         tasks.append("det")
+    if not tasks:
+        raise ValueError("config.loss enables no task that the model can train (text, grounding, "
+                         "objects with an unfrozen object head, depth, detection)")
+    weights = {t: static.get(t, STATIC_WEIGHTS[t]) for t in tasks}
+    stride = int(lc.object_stride)
+    if stride < 1 or 14 % stride:
+        raise ValueError(f"config.loss.object_stride = {stride}: must divide the VGGT patch size 14")
     return LossSpec(tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
                     temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
                     chunk_size=int(lc.chunk_size), kendall_range=(lo, hi),
-                    static_weights=tuple(sorted(static.items())),
-                    dwa_temperature=float(lc.dwa_temperature))
+                    static_weights=tuple(sorted(weights.items())),
+                    dwa_temperature=float(lc.dwa_temperature), object_stride=stride,
+                    object_margin=float(lc.object_margin),
+                    object_min_fraction=float(lc.object_min_fraction))
 
 
 # ---------------------------------------------------------------------------------------------
-# Frames and the loss over a batch.
-
-
-def _wrap_angle(a):
-    return (a + jnp.pi) % (2 * jnp.pi) - jnp.pi
-
-
-def boxes_in_camera0_frame(boxes: jax.Array, cam_to_world: jax.Array) -> jax.Array:
-    """World boxes `[B, N, 7]` -> camera 0's gravity-aligned frame, per sample.
-
-    The images fix the scene only up to where camera 0 stands and which way it looks: the world
-    origin and heading are arbitrary choices of the data source. So the detection targets live in
-    a frame with its origin at camera 0's centre, z = world z (up), x = the horizontal direction
-    camera 0 looks along (its optical axis projected on the floor plane), y = z × x (to its left).
-    A camera looking straight down has no horizontal optical axis; its image "up" direction
-    (−y of the OpenCV camera) is used instead. Yaw becomes yaw − heading, wrapped to [−π, π).
-
-    cam_to_world: `[B, S, 4, 4]` OpenCV camera -> world (world z up); only view 0 is read.
-    """
-    pose = cam_to_world[:, 0].astype(jnp.float32)  # [B, 4, 4]
-    centre = pose[:, :3, 3]
-    forward, up_img = pose[:, :3, 2], -pose[:, :3, 1]
-    flat = jnp.hypot(forward[:, 0], forward[:, 1]) < 1e-6
-    axis = jnp.where(flat[:, None], up_img, forward)
-    heading = jnp.arctan2(axis[:, 1], axis[:, 0])  # [B]
-    c, s = jnp.cos(heading)[:, None], jnp.sin(heading)[:, None]
-    d = boxes[..., :3].astype(jnp.float32) - centre[:, None, :]
-    x = c * d[..., 0] + s * d[..., 1]
-    y = -s * d[..., 0] + c * d[..., 1]
-    yaw = _wrap_angle(boxes[..., 6] - heading[:, None])
-    return jnp.concatenate([jnp.stack([x, y, d[..., 2]], -1), boxes[..., 3:6], yaw[..., None]], -1)
+# The loss over a batch.
 
 
 def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
@@ -129,16 +147,38 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
     """
     images = batch["rgb"].astype(jnp.float32) / 255.0
     out = model(images, batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
-                batch["answer_mask"])
-    mask = batch["answer_mask"] & batch["question_mask"][..., None]
-    text, metrics = kd_loss(
-        out["answer_hidden"], model.decoder.lm_head_kernel(), batch["topk_ids"],
-        batch["topk_logprobs"], batch["answer_ids"], mask, alpha=spec.alpha,
-        temperature=spec.temperature, tail=spec.tail, chunked=spec.chunked,
-        chunk_size=spec.chunk_size)
-    losses = {"text": text}
-    metrics = dict(metrics)
-    metrics["aux/text"] = text
+                batch["answer_mask"], text=spec.runs_decoder)
+    losses, metrics = {}, {}
+    if "text" in spec.tasks:
+        mask = batch["answer_mask"] & batch["question_mask"][..., None]
+        losses["text"], m = kd_loss(
+            out["answer_hidden"], model.decoder.lm_head_kernel(), batch["topk_ids"],
+            batch["topk_logprobs"], batch["answer_ids"], mask, alpha=spec.alpha,
+            temperature=spec.temperature, tail=spec.tail, chunked=spec.chunked,
+            chunk_size=spec.chunk_size)
+        metrics.update(m, **{"aux/text": losses["text"]})
+    patch = model.cfg.aggregator.patch_size
+    targets = None
+    if spec.needs_object_targets:
+        targets = object_targets(batch, patch=patch, stride=spec.object_stride,
+                                 margin=spec.object_margin, min_fraction=spec.object_min_fraction)
+    if "ground" in spec.tasks:
+        losses["ground"], m = grounding_loss(
+            out["grounding"], batch["referred"], batch["question_mask"], targets["attributes"],
+            targets["colours"], targets["seen"], batch["labels"])
+        metrics.update(m, **{"aux/ground": losses["ground"]})
+    if "objects" in spec.tasks:
+        hw = images.shape[2:4]
+        extrinsics, intrinsics = object_cameras(out["pose_enc_list"][-1], hw)
+        raw = out["object_raw"]
+        grid = (hw[0] // patch, hw[1] // patch)
+        centres = model.object_head.centres(raw, extrinsics, intrinsics, grid, patch)
+        losses["objects"], m = object_loss(model.object_head.split(raw), centres, targets,
+                                           batch["labels"], patch=patch, grid_hw=grid)
+        metrics.update(m, **{"aux/objects": losses["objects"]})
+        losses["camera"], m = camera_loss(out["pose_enc_list"], batch["cam_to_world"],
+                                          batch["intrinsics"], hw)
+        metrics.update(m, **{"aux/camera": losses["camera"]})
     if "depth" in spec.tasks:
         losses["depth"], m = depth_loss(out["depth"], out["depth_conf"], batch["depth"])
         metrics.update(m, **{"aux/depth": losses["depth"]})
@@ -195,11 +235,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
 
-def param_labels(params: dict, *, frozen_vision: bool) -> dict:
-    """"frozen" for the VGGT aggregator when `model.vision.frozen`, "train" elsewhere."""
+def param_labels(params: dict, *, frozen_vision: bool, frozen_objects: bool = False) -> dict:
+    """"frozen" for the VGGT aggregator when `model.vision.frozen` and for the camera and object
+    heads when `model.object_head.frozen`, "train" elsewhere."""
+    frozen = {"aggregator"} if frozen_vision else set()
+    frozen |= {"camera_head", "object_head"} if frozen_objects else set()
+
     def label(path, _):
         keys = [getattr(k, "key", None) for k in path]
-        return "frozen" if frozen_vision and keys[:2] == ["student", "aggregator"] else "train"
+        return "frozen" if keys[0] == "student" and keys[1] in frozen else "train"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -225,7 +269,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: dict):
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask(params)))
     tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                               param_labels(params, frozen_vision=bool(config.model.vision.frozen)))
+                               param_labels(params, frozen_vision=bool(config.model.vision.frozen),
+                                            frozen_objects=bool(config.model.object_head.frozen)))
     return tx, schedule
 
 
@@ -244,11 +289,14 @@ def init_state(key: jax.Array, tx, spec: LossSpec, build_model) -> TrainState:
 
 
 def vggt_weights(build_model, path: str, *, depth_head: bool) -> dict:
-    """Official VGGT weights for the student's aggregator (and DPT depth head, when it has one):
-    `{"aggregator": pure dict, "depth_head": ...}` of numpy arrays. Keys outside those parts
-    (camera, point and track heads) are ignored; a missing, unexpected or mis-shaped key inside
-    them is reported, all in one `CheckpointMismatchError`. `build_model(key)` builds the Student
-    (only abstractly: no random weights are drawn)."""
+    """VGGT weights for the student's vision side: `{"aggregator": pure dict, ...}` of numpy
+    arrays, with `depth_head` (when `depth_head` and the student has one), `camera_head` (when the
+    student has one) and `object_head` (when the student has one and the checkpoint holds its
+    `object_head.*` keys, as the vision stage's export does; an official VGGT checkpoint has
+    none, and the head then starts from random weights). Keys of other parts (point and track
+    heads) are ignored; a missing, unexpected or mis-shaped key inside a loaded part is reported,
+    all in one `CheckpointMismatchError`. `build_model(key)` builds the Student (only
+    abstractly: no random weights are drawn)."""
     model = nnx.eval_shape(lambda: build_model(jax.random.PRNGKey(0)))
     tensors, source = load_tensors(path)
     sd = StateDict(tensors, source)
@@ -257,11 +305,59 @@ def vggt_weights(build_model, path: str, *, depth_head: bool) -> dict:
     if depth_head and model.depth_head is not None:
         model.depth_head.load_torch(sd, "depth_head")
         parts.append("depth_head")
+    if model.camera_head is not None:
+        model.camera_head.load_torch(sd, "camera_head")
+        parts.append("camera_head")
+    if model.object_head is not None and any(k.startswith("object_head.") for k in tensors):
+        model.object_head.load_torch(sd, "object_head")
+        parts.append("object_head")
     loaded = tuple(f"{p}." for p in parts)
     sd.finish(ignore_unused=[k for k in tensors if not k.startswith(loaded)],
               what=f"student's VGGT {' + '.join(parts)} (config.model.vision.checkpoint)")
     state = nnx.state(model).to_pure_dict()
     return {p: state[p] for p in parts}
+
+
+# Fields of the student's decoder that a pretrained checkpoint must share (the rest, like dtypes,
+# scanning and remat, describe how it runs).
+DECODER_ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                       "num_kv_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps",
+                       "rope_theta", "rope_scaling")
+
+
+class DecoderMismatchError(ValueError):
+    """A pretrained decoder that does not fit `config.model.decoder`; names both values."""
+
+
+def decoder_weights(student_decoder: LlamaConfig, path: str) -> dict:
+    """A local Hugging Face Llama-family directory (config.json + safetensors or
+    pytorch_model*.bin) as the pure params dict of the student's decoder.
+
+    Every architecture field the student's decoder has (`DECODER_ARCH_FIELDS`) must equal the
+    checkpoint's, else `DecoderMismatchError` names the field and both numbers; the weights then
+    go through `llama.from_hf` (every missing, unexpected or mis-shaped key in one error).
+    """
+    config_json = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(config_json):
+        raise FileNotFoundError(f"config.model.decoder.checkpoint = {path!r}: needs a local Hugging "
+                                "Face model directory with config.json and its weights")
+    theirs = LlamaConfig.from_hf(config_json)
+    for field in DECODER_ARCH_FIELDS:
+        a, b = getattr(theirs, field), getattr(student_decoder, field)
+        if a != b:
+            what = "vocabulary" if field == "vocab_size" else field
+            raise DecoderMismatchError(
+                f"{config_json}: the pretrained decoder's {what} is {a} but config.model.decoder "
+                f"has {b}; set config.model.decoder to the checkpoint's architecture (and use its "
+                "tokenizer: config.tokenizer.path)" if field == "vocab_size" else
+                f"{config_json}: the pretrained decoder has {field} = {a} but config.model.decoder "
+                f"has {b}; set config.model.decoder to the checkpoint's architecture")
+    model = llama_lib.from_hf(path, dtype=student_decoder.dtype,
+                              param_dtype=student_decoder.param_dtype,
+                              scan_layers=student_decoder.scan_layers,
+                              remat_policy=student_decoder.remat_policy,
+                              attention_impl=student_decoder.attention_impl)
+    return nnx.state(model).to_pure_dict()
 
 
 def state_shardings(abstract: TrainState, abstract_model_state: nnx.State, mesh, rules) -> TrainState:

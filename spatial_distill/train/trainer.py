@@ -144,7 +144,7 @@ def batch_shapes(config: ml_collections.ConfigDict, meta: tr.TeacherMeta, shardi
             "prompt_ids": ((b, q, lp), i32), "prompt_mask": ((b, q, lp), b8),
             "answer_ids": ((b, q, la), i32), "answer_mask": ((b, q, la), b8),
             "topk_ids": ((b, q, la, k), i32), "topk_logprobs": ((b, q, la, k), f32),
-            "logsumexp": ((b, q, la), f32)}
+            "logsumexp": ((b, q, la), f32), "referred": ((b, q, 2), i32)}
     return {key: jax.ShapeDtypeStruct(shape, dt, sharding=sharding_) for key, (shape, dt) in spec.items()}
 
 
@@ -201,6 +201,8 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     size = (config.data.image_size, config.data.image_size)
     limits = dict(max_questions=config.input.max_questions, max_prompt_len=config.input.max_prompt_len,
                   max_answer_len=config.input.max_answer_len, max_boxes=config.input.max_boxes)
+    spec = step_lib.loss_spec(config)
+    limits["require_referred"] = "ground" in spec.tasks
     train_data = InputPipeline(data_dir, "train", batch_size=config.train.batch_size,
                                seed=config.seed, image_size=size,
                                shuffle_buffer=config.input.shuffle_buffer, **limits)
@@ -218,7 +220,6 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
 
     abstract_model = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
     graphdef, abstract_model_state = nnx.split(abstract_model)
-    spec = step_lib.loss_spec(config)
     breakdown = student_lib.parameter_breakdown(abstract_model)
     abstract_params = {"student": abstract_model_state.to_pure_dict()}
     if spec.weighting == "kendall":
@@ -298,6 +299,12 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
                 student[part] = jax.device_put(tree, state_sh.params["student"][part])
             state = state.replace(params={**state.params, "student": student})
             log.info("VGGT weights for %s from %s", sorted(loaded), config.model.vision.checkpoint)
+        if config.model.decoder.checkpoint:
+            loaded = step_lib.decoder_weights(model_cfg.decoder, config.model.decoder.checkpoint)
+            student = dict(state.params["student"])
+            student["decoder"] = jax.device_put(loaded, state_sh.params["student"]["decoder"])
+            state = state.replace(params={**state.params, "student": student})
+            log.info("decoder weights from %s", config.model.decoder.checkpoint)
         log.info("initialised in %.1f s", time.perf_counter() - t0)
     start = int(jax.device_get(state.step.addressable_data(0)))
 
@@ -372,8 +379,17 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     if ckpt.latest_step() != step:
         save(state, step)
     if latest != total_steps:
-        writer.write(step, evaluate(state))
+        held_out = evaluate(state)
+        writer.write(step, held_out)
+        if primary:
+            shown = [(k, held_out[f"eval/{k}"]) for k in SUMMARY_METRICS if f"eval/{k}" in held_out]
+            tqdm.write(f"  step {step}, held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in shown))
     log.info("trained to step %d", step)
+
+
+# Held-out metrics the stage prints when it ends (the rest are in metrics.jsonl / TensorBoard).
+SUMMARY_METRICS = ("learning/loss", "distill/token_accuracy", "ground/centre_err_m", "ground/class_acc",
+                   "objects/centre_err_m", "objects/class_acc", "camera/translation_l1")
 
 
 def _check_labels(batch, model_cfg) -> None:

@@ -1,0 +1,67 @@
+"""Grounding loss: the answer position must know which objects the question names, and where.
+
+From a yes/no (or teacher-distribution) signal alone a decoder trained from scratch never learns
+to bring "the red box"'s geometry to the position that answers: the loss gives almost no
+gradient towards the geometry until that routing works (docs/learning.md). This loss supervises
+the routing directly. The grounding head reads the hidden state that predicts the first answer
+token and predicts, for the question's subject and reference object (`referred [B, Q, 2]`, −1
+where a question names fewer), their attributes in camera 0's frame (`geometry.ATTRIBUTES`:
+centre, log size, cos/sin 2ψ), class and colour.
+
+    loss = mean over referred objects of  L1(attributes) + CE(class) + L1(colour)
+
+Colour targets are the objects' mean observed colours (`objects.observed_colours`), counted only
+for objects some pixel sees. Metrics: `ground/centre_err_m` (Euclidean, metres),
+`ground/class_acc`, `ground/colour_l1`, `ground/referred` (objects per batch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spatial_distill import geometry
+
+
+def grounding_loss(pred: jax.Array, referred: jax.Array, question_mask: jax.Array,
+                   attributes: jax.Array, colours: jax.Array, seen: jax.Array, labels: jax.Array):
+    """Loss and metrics (module doc).
+
+    pred `[B, Q, 2, A + C + 3]` (A = 8 attributes, C classes), referred `[B, Q, 2]` int object
+    ids (−1 none), question_mask `[B, Q]`, attributes `[B, N, A]`, colours `[B, N, 3]`,
+    seen `[B, N]` bool, labels `[B, N]` class ids.
+    """
+    a = geometry.NUM_ATTRIBUTES
+    c = pred.shape[-1] - a - 3
+    if c < 1 or referred.shape != pred.shape[:3] or referred.shape[-1] != 2:
+        raise ValueError(f"grounding_loss: pred {pred.shape} must be [B, Q, 2, {a} + classes + 3] "
+                         f"and referred {referred.shape} [B, Q, 2]")
+    b, q, _ = referred.shape
+    mask = (referred >= 0) & question_mask[..., None].astype(bool)
+    idx = jnp.maximum(referred, 0).reshape(b, q * 2)
+
+    def at_referred(x):  # [B, N, ...] -> [B, Q, 2, ...]
+        picked = jnp.take_along_axis(x, idx.reshape(b, q * 2, *([1] * (x.ndim - 2))), axis=1)
+        return picked.reshape(b, q, 2, *x.shape[2:])
+
+    attr_t = at_referred(attributes.astype(jnp.float32))
+    colour_t = at_referred(colours.astype(jnp.float32))
+    colour_mask = mask & at_referred(seen.astype(bool))
+    class_t = jnp.clip(at_referred(labels.astype(jnp.int32)), 0, c - 1)
+    pred = pred.astype(jnp.float32)
+    n = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+
+    def mean(x, m=mask):
+        return jnp.where(m, x, 0.0).sum() / n
+
+    attr_l1 = mean(jnp.abs(pred[..., :a] - attr_t).sum(-1))
+    class_ce = mean(optax.softmax_cross_entropy_with_integer_labels(pred[..., a:a + c], class_t))
+    colour_l1 = mean(jnp.abs(pred[..., a + c:] - colour_t).sum(-1), colour_mask)
+    metrics = {
+        "ground/attributes_l1": attr_l1, "ground/class_ce": class_ce, "ground/colour_l1": colour_l1,
+        "ground/centre_err_m": mean(jnp.linalg.norm(pred[..., :3] - attr_t[..., :3] + 1e-12, axis=-1)),
+        "ground/class_acc": mean((jnp.argmax(pred[..., a:a + c], -1) == class_t).astype(jnp.float32)),
+        "ground/referred": mask.sum().astype(jnp.float32),
+    }
+    return attr_l1 + class_ce + colour_l1, jax.tree.map(jax.lax.stop_gradient, metrics)
