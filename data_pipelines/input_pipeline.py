@@ -72,6 +72,7 @@ class InputPipeline:
     cycle_length: shards read at once. `state` resumes from `InputPipeline.state()`.
     require_referred: every question of a referring kind (`sample.REFERRING_KINDS`) must name
     its objects (the grounding loss needs them); one that does not is an error naming the sample.
+    with_sample_ids: batches also hold `sample_id` `[b]` (bytes; pop it before `to_global`).
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
@@ -79,7 +80,7 @@ class InputPipeline:
                  max_questions: int, max_prompt_len: int, max_answer_len: int, max_boxes: int,
                  process_index: int | None = None, process_count: int | None = None,
                  state: dict | None = None, shuffle_buffer: int = 128, cycle_length: int = 8,
-                 require_referred: bool = False):
+                 require_referred: bool = False, with_sample_ids: bool = False):
         self.data_dir, self.split, self.seed, self.shuffle = str(data_dir), split, int(seed), shuffle
         self.num_epochs, self.batch_size = num_epochs, int(batch_size)
         self.image_size = tuple(int(x) for x in image_size)
@@ -88,7 +89,7 @@ class InputPipeline:
         self.process_index = jax.process_index() if process_index is None else int(process_index)
         self.process_count = jax.process_count() if process_count is None else int(process_count)
         self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
-        self.require_referred = require_referred
+        self.require_referred, self.with_sample_ids = require_referred, with_sample_ids
         self.meta = meta = tr.read_meta(data_dir)
         where = f"{data_dir}/{tr.META_FILE}"
 
@@ -275,6 +276,8 @@ class InputPipeline:
     def _check(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raises on samples that were cut to fit the static shapes; strips the private keys."""
         sids, check = batch.pop("_sample_id"), batch.pop("_check")
+        if self.with_sample_ids:
+            batch["sample_id"] = sids
         for col, (field, limit_name) in enumerate(_LIMITS):
             limit = getattr(self, limit_name)
             over = np.flatnonzero(check[:, col] > limit)

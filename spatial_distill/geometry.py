@@ -152,3 +152,32 @@ def inside_box_distance(points: jax.Array, boxes: jax.Array) -> jax.Array:
     local = jnp.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1], d[..., 2]], -1)
     return jnp.linalg.norm(jnp.maximum(jnp.abs(local) - 0.5 * b[..., 3:6], 0.0), axis=-1)
 
+
+
+def weighted_kabsch(src: jax.Array, dst: jax.Array, weights: jax.Array,
+                    prior: jax.Array | None = None, prior_weight: float = 0.0):
+    """The rigid transform that best maps `src` points onto `dst` points under soft matches.
+
+    src `[B, M, 3]`, dst `[B, N, 3]`, weights `[B, M, N]` >= 0 (how much src point m matches dst
+    point n). Minimises Σ w_mn |R src_m + t − dst_n|² (Kabsch / Umeyama without scale); with a
+    `prior` rotation `[B, 3, 3]`, `prior_weight` λ pulls R towards it, which keeps R defined
+    when the matches are too few or collinear to fix it (λ is relative to the size of the
+    matches' cross-covariance, so a small λ leaves well-posed fits nearly untouched). Returns
+    (R `[B, 3, 3]`, t `[B, 3]`, total weight `[B]`). Not differentiated (an SVD of near-degenerate matrices has unbounded
+    gradients): callers use it on frozen predictions.
+    """
+    src, dst, weights = (jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (src, dst, weights))
+    total = weights.sum((1, 2))
+    safe = jnp.maximum(total, 1e-9)[:, None]
+    mu_src = jnp.einsum("bmn,bmk->bk", weights, src) / safe
+    mu_dst = jnp.einsum("bmn,bnk->bk", weights, dst) / safe
+    h = jnp.einsum("bmn,bmi,bnj->bij", weights, src - mu_src[:, None], dst - mu_dst[:, None])
+    if prior is not None:
+        # R maximises tr(R H) (H = Σ w src' dst'ᵀ); the prior adds λ tr(Rᵀ P) = λ tr(R Pᵀ).
+        scale = jnp.sqrt((h ** 2).sum((1, 2)))[:, None, None] + 1e-12
+        h = h + prior_weight * scale * jnp.swapaxes(jax.lax.stop_gradient(prior), 1, 2)
+    u, _, vt = jnp.linalg.svd(h)  # H = U S Vᵀ  ->  R = V diag(1, 1, det(V Uᵀ)) Uᵀ
+    d = jnp.sign(jnp.linalg.det(jnp.einsum("bij,bjk->bik", u, vt)))
+    fix = jnp.broadcast_to(jnp.eye(3), h.shape).at[:, 2, 2].set(d)
+    rot = jnp.einsum("bji,bjk,blk->bil", vt, fix, u)
+    return rot, mu_dst - jnp.einsum("bij,bj->bi", rot, mu_src), total

@@ -334,3 +334,32 @@ def test_frozen_vision_and_object_heads_get_no_gradient_from_the_decoder(frozen)
     for part in ("aggregator", "object_head", "camera_head"):
         assert (norm(part) == 0) == frozen, part
     assert norm("proj_in") > 0 and norm("grounding_head") > 0
+
+
+def test_cached_vision_inputs_give_the_same_outputs():
+    from spatial_distill.train.vision_cache import VisionCache
+
+    model = st.create(object_cfg(vision_pool="objects8"), 0)
+    assert model.vision_frozen
+    images, prompt, pm, answer, am = batch()
+    x = jnp.asarray(images)
+    cached = model.see(x, project=False)["vision_inputs"]
+    assert cached.shape == (B, 8, 128 + model.cfg.object_head.num_features)
+    a = forward(model, x, prompt, pm, answer, am)
+    b = nnx.jit(lambda m, *args: m(*args, vision_inputs=cached))(model, x, prompt, pm, answer, am)
+    for key in ("answer_hidden", "grounding", "vision_tokens"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=1e-5, err_msg=key)
+
+    calls = []
+
+    def fn(params, imgs):
+        calls.append(len(imgs))
+        return jnp.asarray(imgs).sum(axis=(1, 2, 3))[:, None, :]  # [B, 1, 3] stands for the vision side
+
+    cache = VisionCache(fn, lambda v: v)
+    imgs = np.random.default_rng(0).integers(0, 255, (2, 1, 2, 2, 3)).astype(np.uint8)
+    first = cache.lookup([b"a", b"b"], imgs, None)
+    again = cache.lookup([b"b", b"a"], imgs[::-1], None)  # both cached: no call
+    np.testing.assert_array_equal(again, first[::-1])
+    cache.lookup([b"a", b"c"], imgs, None)  # one new sample: one call for the batch
+    assert calls == [2, 2] and cache.computed == 3 and cache.nbytes == 3 * 3 * 4  # uint32 sums

@@ -50,6 +50,7 @@ def tiny_config(records: str | None = None, tokenizer: str | None = None, *, hea
     c.tokenizer.path = tokenizer
     c.tokenizer.vocab_size = c.model.decoder.vocab_size = 300
     c.input.max_questions = 24
+    c.input.max_prompt_len, c.input.max_answer_len = 32, 8  # a 300-entry BPE needs more tokens
     v = c.model.vision
     v.embed_dim, v.depth, v.num_heads, v.vit_depth, v.vit_heads = 32, 1, 2, 1, 2
     # The tiny preset's frozen vision side, object tokens and grounding, with random weights (the

@@ -6,6 +6,9 @@ scene has a grounded answer computed from exact geometry (`gt_answer` in the rec
 student answers it by greedy decoding exactly as at deployment (vision prefix + latents +
 question, KV cache), and the first word of its answer must equal the grounded answer. The
 teacher's greedy answers are scored the same way, so `retention/<kind>` = student / teacher.
+Beside them, `grounded_forced/<kind>_acc` scores yes/no questions teacher-forced: whether the
+"yes" logit beats the "no" logit at the first answer token, so a decoding problem (an answer that
+starts with another token) cannot hide behind, or be mistaken for, a reasoning one.
 """
 
 from __future__ import annotations
@@ -19,8 +22,16 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import teacher_records as tr
+from spatial_distill import generate as generate_lib
 from spatial_distill.models.student import Student
 from spatial_distill.tokenizer import Tokenizer
+
+
+def yes_no_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """{"yes": id, "no": id} of the single tokens the answers start with; {} when the tokenizer
+    splits either word (then no teacher-forced accuracy is reported)."""
+    ids = {w: tokenizer.encode(w) for w in ("yes", "no")}
+    return {w: i[0] for w, i in ids.items()} if all(len(i) == 1 for i in ids.values()) else {}
 
 
 def first_word(text: str) -> str:
@@ -70,8 +81,13 @@ def _arrays(chunk, batch_size, max_questions, max_prompt_len):
 
 @nnx.jit(static_argnames=("max_new_tokens", "eos_id", "pad_id"))
 def _answer(model: Student, images, prompt, mask, max_new_tokens, eos_id, pad_id):
-    return model.generate(images, prompt, mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                          pad_id=pad_id)
+    """Greedy answers `[B, Q, T]` and the logits of the first answer token `[B, Q, V]` (the
+    same prefix pass: XLA computes it once)."""
+    tokens, _ = model.generate(images, prompt, mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                               pad_id=pad_id)
+    emb, valid = model.prefix(images, prompt, mask)
+    logits, _ = generate_lib.prefill(model.decoder, emb, valid, emb.shape[1] + 1)
+    return tokens, logits.reshape(*prompt.shape[:2], -1)
 
 
 def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: str = "eval",
@@ -81,14 +97,16 @@ def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: s
     right = collections.Counter()
     teacher_right = collections.Counter()
     total = collections.Counter()
+    forced_right, forced_total = collections.Counter(), collections.Counter()
+    yes_no = yes_no_tokens(tokenizer)
     out = open(predictions_path, "w") if predictions_path else None
     try:
         for chunk in _chunks(_records(records_dir, split), batch_size):
             # Fixed shapes (one compilation): a short last chunk is padded with question-less rows.
             images, prompt, mask = _arrays(chunk, batch_size, max_questions, max_prompt_len)
-            tokens, _ = _answer(model, images, prompt, mask, max_new_tokens, tokenizer.eos_id,
-                                tokenizer.pad_id)
-            tokens = np.asarray(tokens)
+            tokens, first = _answer(model, images, prompt, mask, max_new_tokens, tokenizer.eos_id,
+                                    tokenizer.pad_id)
+            tokens, first = np.asarray(tokens), np.asarray(first)
             for b, rec in enumerate(chunk):
                 for q, (qa, ans) in enumerate(zip(rec.sample.qa, rec.answers)):
                     said = first_word(tokenizer.decode(tokens[b, q]))
@@ -97,6 +115,10 @@ def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: s
                     total[qa.kind] += 1
                     right[qa.kind] += said == gt
                     teacher_right[qa.kind] += teacher_said == gt
+                    if gt in yes_no:  # teacher-forced: the yes/no logit at the first answer token
+                        forced = "yes" if first[b, q, yes_no["yes"]] > first[b, q, yes_no["no"]] else "no"
+                        forced_total[qa.kind] += 1
+                        forced_right[qa.kind] += forced == gt
                     if out:
                         out.write(json.dumps({"sample_id": rec.sample.sample_id, "kind": qa.kind,
                                               "question": qa.question, "answer": said, "gt": gt,
@@ -113,6 +135,8 @@ def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: s
         metrics[f"teacher/{kind}_acc"] = teacher_right[kind] / total[kind]
         if teacher_right[kind]:
             metrics[f"retention/{kind}"] = right[kind] / teacher_right[kind]
+    for kind in sorted(forced_total):
+        metrics[f"grounded_forced/{kind}_acc"] = forced_right[kind] / forced_total[kind]
     n = sum(total.values())
     metrics["grounded/overall_acc"] = sum(right.values()) / n
     metrics["teacher/overall_acc"] = sum(teacher_right.values()) / n

@@ -139,8 +139,10 @@ def object_loss(parts: dict, centres: jax.Array, targets: dict, labels: jax.Arra
     loss = sum(terms.values())
     err = jnp.linalg.norm(centres - attrs[..., :3], axis=-1)
     metrics = {f"objects/{k}": v for k, v in terms.items()}
+    view0 = is_obj[:, 0]
     metrics.update({
         "objects/centre_err_m": mean_obj(err),
+        "objects/centre_err_view0_m": jnp.where(view0, err[:, 0], 0.0).sum() / jnp.maximum(view0.sum(), 1),
         "objects/class_acc": mean_obj((jnp.argmax(parts["class_logits"], -1) == cls).astype(jnp.float32)),
         "objects/objectness_acc": ((parts["objectness"] > 0) == is_obj).mean(),
         "objects/patch_fraction": is_obj.mean(),

@@ -39,6 +39,10 @@ from spatial_distill.sharding import constrain
 class ObjectHeadConfig:
     num_classes: int = 3
     hidden: int = 256  # MLP width
+    # Place views 1.. by registering their object centres onto view 0's (`register_views`)
+    # instead of with the camera head's extrinsics alone.
+    register_views: bool = False
+    match_colour_scale: float = 0.1  # colour distance at which a match weighs e^-1
 
     def __post_init__(self):
         if self.num_classes < 1 or self.hidden < 1:
@@ -67,9 +71,11 @@ def cameras(pose_enc: jax.Array, image_hw: tuple[int, int]) -> tuple[jax.Array, 
     VGGT's encoding puts the principal point at (W/2, H/2); the canonical samples put pixel
     centres at integers (OpenCV), where the image centre is ((W−1)/2, (H−1)/2). Half a pixel is
     ~2 cm at the tiny preset's 112 px and 3 m, so the centre is moved to the data's convention.
+    View 0's extrinsics are the identity by definition of the frame, whatever the head says.
     """
     extrinsics, intrinsics = pose_encoding_to_extri_intri(pose_enc, image_hw)
     intrinsics = intrinsics.at[..., 0, 2].set((image_hw[1] - 1) / 2).at[..., 1, 2].set((image_hw[0] - 1) / 2)
+    extrinsics = extrinsics.at[:, 0].set(jnp.eye(3, 4, dtype=extrinsics.dtype))
     return extrinsics, intrinsics
 
 
@@ -101,22 +107,65 @@ class ObjectHead(nnx.Module):
                 "yaw2": raw[..., 10 + c:12 + c]}
 
     def centres(self, raw: jax.Array, extrinsics: jax.Array, intrinsics: jax.Array,
-                grid_hw: tuple[int, int], patch: int) -> jax.Array:
+                grid_hw: tuple[int, int], patch: int, *, train_views: bool = True) -> jax.Array:
         """Each patch's object centre in camera 0's OpenCV frame `[B, S, h*w, 3]`, composed
-        with cameras `extrinsics [B, S, 3, 4]` (camera-from-camera-0), `intrinsics [B, S, 3, 3]`."""
+        with cameras `extrinsics [B, S, 3, 4]` (camera-from-camera-0), `intrinsics [B, S, 3, 3]`.
+        `train_views=False` passes no gradient into the per-view predictions (offset, depth),
+        only into the cameras."""
         parts = self.split(raw)
+        if not train_views:
+            parts = jax.lax.stop_gradient(parts)
         uv = jnp.asarray(geometry.patch_centres(*grid_hw, patch)) + patch * parts["offset"]
         # Clamped so an untrained head cannot overflow exp; 1 mm to ~150 m covers any scene.
         z = jnp.exp(jnp.clip(parts["log_z"], -7.0, 5.0))
         return geometry.unproject_to_camera0(uv, z, extrinsics, intrinsics)
 
+    def register_views(self, raw: jax.Array, extrinsics: jax.Array, intrinsics: jax.Array,
+                       grid_hw: tuple[int, int], patch: int, *, min_weight: float = 1.0) -> jax.Array:
+        """Camera-from-camera-0 extrinsics `[B, S, 3, 4]` that register each view's predicted
+        object centres onto view 0's.
+
+        Every patch predicts the centre of the object it sees in its own view's frame (offset +
+        depth + intrinsics, no extrinsics). A patch of view s and a patch of view 0 that see the
+        same object predict the same 3D point in two frames; they are matched softly by
+        objectness x colour similarity x class agreement, and a weighted Kabsch fit gives the
+        rigid transform between the frames (`geometry.weighted_kabsch`), pulled towards the camera
+        head's rotation so that too few matches still give a defined answer. Views with less
+        than `min_weight` total match weight keep the camera head's extrinsics.
+        """
+        parts = jax.lax.stop_gradient(self.split(raw))
+        b, s, p = parts["log_z"].shape
+        uv = jnp.asarray(geometry.patch_centres(*grid_hw, patch)) + patch * parts["offset"]
+        z = jnp.exp(jnp.clip(parts["log_z"], -7.0, 5.0))
+        own = jnp.broadcast_to(jnp.eye(3, 4, dtype=jnp.float32), (b, s, 3, 4))
+        local = geometry.unproject_to_camera0(uv, z, own, intrinsics)  # each view's own frame
+        obj = jax.nn.sigmoid(parts["objectness"])
+        colour = jax.nn.sigmoid(parts["colour_logits"])
+        cls = jax.nn.softmax(parts["class_logits"], -1)
+        out = [extrinsics[:, 0]]
+        for v in range(1, s):
+            d2 = ((colour[:, v, :, None] - colour[:, 0, None]) ** 2).sum(-1)
+            w = (obj[:, v, :, None] * obj[:, 0, None] * jnp.exp(-d2 / self.cfg.match_colour_scale ** 2)
+                 * jnp.einsum("bmc,bnc->bmn", cls[:, v], cls[:, 0]))
+            # Prior: the camera head's camera-0-from-view rotation (transpose of its extrinsics').
+            prior = jnp.swapaxes(extrinsics[:, v, :, :3], 1, 2)
+            rot, t, total = geometry.weighted_kabsch(local[:, v], local[:, 0], w, prior=prior,
+                                                     prior_weight=1e-3)
+            # x_0 = R x_v + t  ->  x_v = Rᵀ (x_0 − t): the extrinsics are [Rᵀ | −Rᵀ t].
+            ext = jnp.concatenate([jnp.swapaxes(rot, 1, 2), -jnp.einsum("bji,bj->bi", rot, t)[..., None]], -1)
+            out.append(jnp.where((total >= min_weight)[:, None, None], ext, extrinsics[:, v]))
+        return jnp.stack(out, 1)
+
     def features(self, raw: jax.Array, pose_enc: jax.Array, image_hw: tuple[int, int],
                  patch: int) -> jax.Array:
         """`[B, S, h*w, num_features]` per-patch object summary for the decoder (module doc),
-        with the camera head's pose encoding `[B, S, 9]` for the cameras."""
+        with the camera head's pose encoding `[B, S, 9]` for the cameras (registered on view 0's
+        objects with `register_views`)."""
         parts = self.split(raw)
         extrinsics, intrinsics = cameras(pose_enc, image_hw)
         grid = (image_hw[0] // patch, image_hw[1] // patch)
+        if self.cfg.register_views:
+            extrinsics = self.register_views(raw, extrinsics, intrinsics, grid, patch)
         centre = self.centres(raw, extrinsics, intrinsics, grid, patch)
         return jnp.concatenate([
             jax.nn.sigmoid(parts["objectness"])[..., None], jax.nn.softmax(parts["class_logits"], -1),

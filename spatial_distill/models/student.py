@@ -1,13 +1,15 @@
 """The student (DESIGN.md §4): VGGT tokens -> projector -> Llama decoder with Hidden-CoT latents.
 
 Per sample, the VGGT aggregator runs once over its S views; the last layer's patch tokens are
-pooled per view to a `g x g` grid (`grid<g>`), kept one per patch (`patch`), or, with `mean1`,
-averaged over every view and patch into the paper's single vision token; then projected to the
-decoder width by a 2-layer MLP. With the object head (`object_head.py`), each patch token also
-carries what the head reads there: objectness, class and colour of the object it sees and that
-object's box in camera 0's frame, composed with the camera head's predicted cameras (VGGT's
-camera head, also part of the student then). These explicit, low-dimensional object fields are
-what lets a decoder trained from scratch bind "the red box" to its geometry (docs/learning.md).
+pooled per view to a `g x g` grid (`grid<g>`), kept one per patch (`patch`), cut down to the k
+patches where the object head sees objects most surely (`objects<k>`, kept in view-then-raster
+order), or, with `mean1`, averaged over every view and patch into the paper's single vision
+token; then projected to the decoder width by a 2-layer MLP. With the object head
+(`object_head.py`), each patch token also carries what the head reads there: objectness, class
+and colour of the object it sees and that object's box in camera 0's frame, placed with the
+camera head's predicted cameras or by registering the views on view 0's objects (VGGT's camera
+head is then part of the student too). These explicit, low-dimensional object fields are what
+lets a decoder trained from scratch bind "the red box" to its geometry (docs/learning.md).
 Every question of the sample then reads the same vision prefix:
 
     before_question (paper):  [V (S*g*g)] [T1..TK] [Q (Lp, right-padded)] [A (La, right-padded)]
@@ -64,13 +66,17 @@ class StudentConfig:
     object_head: ObjectHeadConfig | None = None
     grounding: bool = False  # the grounding readout head on the first answer position
     image_size: int = 0  # square input frames in pixels (the `patch` pooling needs the grid)
-    # "mean1" (one token per sample, the paper's), "grid<g>" (g*g per view) or "patch" (every
-    # patch of every view).
+    # "mean1" (one token per sample, the paper's), "grid<g>" (g*g per view), "patch" (every
+    # patch of every view) or "objects<k>" (the k patches the object head finds objects in).
     vision_pool: str = "grid2"
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"
     freeze_vision: bool = False  # stop gradients at the aggregator output
     freeze_objects: bool = False  # and at the camera and object heads' outputs
+    # Whether VGGT's camera loss reaches the aggregator. Off for the tiny VGGT trained from
+    # scratch: its camera loss made no progress in thousands of steps and its gradient crowded out
+    # the object objective in the shared trunk (docs/learning.md); the head still learns on top.
+    camera_trains_trunk: bool = True
     vision_dtype: str = "float32"  # aggregator compute dtype; heads run in float32 regardless
     remat_vision: bool = False
 
@@ -92,8 +98,22 @@ class StudentConfig:
                              f"aggregator width {self.aggregator.embed_dim}")
 
     @property
+    def num_object_tokens(self) -> int:
+        """k of `objects<k>` (0 for the other poolings)."""
+        if self.vision_pool.startswith("objects"):
+            k = self.vision_pool[7:]
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use objects<k>, "
+                                 "k >= 1 (e.g. objects64)")
+            if self.object_head is None:
+                raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r} selects tokens by "
+                                 "the object head's objectness: enable the object head")
+            return int(k)
+        return 0
+
+    @property
     def pool_grid(self) -> int:
-        if self.vision_pool == "mean1":
+        if self.vision_pool == "mean1" or self.num_object_tokens:
             return 1
         if self.vision_pool == "patch":
             if self.image_size < 1 or self.image_size % self.aggregator.patch_size:
@@ -103,10 +123,12 @@ class StudentConfig:
             return self.image_size // self.aggregator.patch_size
         if self.vision_pool.startswith("grid") and self.vision_pool[4:].isdigit() and int(self.vision_pool[4:]) > 0:
             return int(self.vision_pool[4:])
-        raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1', 'patch' or "
-                         "'grid<g>' (e.g. grid2)")
+        raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1', 'patch', "
+                         "'objects<k>' or 'grid<g>' (e.g. grid2)")
 
     def num_vision_tokens(self, num_views: int) -> int:
+        if self.num_object_tokens:
+            return self.num_object_tokens
         return 1 if self.vision_pool == "mean1" else num_views * self.pool_grid**2
 
     def shared_prefix_length(self, num_views: int) -> int:
@@ -188,12 +210,13 @@ class Student(nnx.Module):
             layers = [None if t is None else jax.lax.stop_gradient(t) for t in layers]
         return layers, layers[-1][:, :, psi:, :]
 
-    def see(self, images: jax.Array) -> dict:
+    def see(self, images: jax.Array, *, project: bool = True) -> dict:
         """Everything the student reads off the images once per sample.
 
         images `[B, S, H, W, 3]` in [0, 1]. Returns `layers` (aggregator outputs), `patches`
-        `[B, S, h*w, 2C]`, `vision` (projected tokens `[B, Nv, D]`), and with the camera and object
-        heads `pose_enc_list` (list of `[B, S, 9]`) and `object_raw` `[B, S, h*w, F]`.
+        `[B, S, h*w, 2C]`, `vision_inputs` (the pooled tokens before the projector, `[B, Nv, C']`),
+        `vision` (projected tokens `[B, Nv, D]`; not with `project=False`), and with the camera
+        and object heads `pose_enc_list` (list of `[B, S, 9]`) and `object_raw` `[B, S, h*w, F]`.
         """
         hh, ww = images.shape[2:4]
         p = self.cfg.aggregator.patch_size
@@ -201,33 +224,63 @@ class Student(nnx.Module):
         out = {"layers": layers, "patches": patches}
         fields = None
         if self.camera_head is not None:
-            out["pose_enc_list"] = self.camera_head([layers[-1]])
+            last = layers[-1] if self.cfg.camera_trains_trunk else jax.lax.stop_gradient(layers[-1])
+            out["pose_enc_list"] = self.camera_head([last])
         if self.object_head is not None:
             out["object_raw"] = raw = self.object_head(patches)
             fields = self.object_head.features(raw, out["pose_enc_list"][-1], (hh, ww), p)
             if self.cfg.freeze_objects:  # the decoder's losses stop at the frozen heads
                 fields = jax.lax.stop_gradient(fields)
-        out["vision"] = self.vision_tokens(patches, (hh // p, ww // p), fields)
+        order = None
+        if self.cfg.num_object_tokens:
+            objectness = out["object_raw"][..., 0].reshape(images.shape[0], -1)
+            k = self.cfg.num_object_tokens
+            if k > objectness.shape[1]:
+                raise ValueError(f"vision_pool objects{k}: only {objectness.shape[1]} patch tokens "
+                                 f"({images.shape[1]} views of {hh}x{ww}); lower k")
+            # The k patches most likely to see an object, in view-then-raster order.
+            order = jnp.sort(jax.lax.top_k(jax.lax.stop_gradient(objectness), k)[1], axis=-1)
+        out["vision_inputs"] = self.pool_tokens(patches, (hh // p, ww // p), fields, order)
+        if project:
+            out["vision"] = self.project(out["vision_inputs"])
         return out
 
-    def vision_tokens(self, patches: jax.Array, hw: tuple[int, int],
-                      object_fields: jax.Array | None = None) -> jax.Array:
+    @property
+    def vision_frozen(self) -> bool:
+        """Whether everything before the projector is frozen (its output can be cached)."""
+        heads_frozen = self.cfg.freeze_objects or (self.camera_head is None and self.object_head is None)
+        return self.cfg.freeze_vision and heads_frozen
+
+    def pool_tokens(self, patches: jax.Array, hw: tuple[int, int],
+                    object_fields: jax.Array | None = None,
+                    order: jax.Array | None = None) -> jax.Array:
         """patches `[B, S, h*w, 2C]` (and the object head's per-patch fields `[B, S, h*w, F]`)
-        -> projected vision tokens `[B, Nv, D]` (compute dtype)."""
+        -> pooled tokens `[B, Nv, C']` (float32), the projector's input. `order` `[B, k]`: the
+        (view-major) patch indices `objects<k>` keeps."""
         b = patches.shape[0]
         x = patches.astype(jnp.float32)
         if object_fields is not None:
             x = jnp.concatenate([x, object_fields.astype(jnp.float32)], -1)
         if self.cfg.vision_pool == "mean1":
-            pooled = x.mean(axis=(1, 2))[:, None]  # [B, 1, C']
-        elif self.cfg.vision_pool == "patch":
-            pooled = x.reshape(b, -1, x.shape[-1])
-        else:
-            pool = jnp.asarray(pooling_matrix(hw[0], hw[1], self.cfg.pool_grid))
-            pooled = jnp.einsum("gp,bspc->bsgc", pool, x)
-            pooled = pooled.reshape(b, -1, pooled.shape[-1])
-        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled), approximate=False))
+            return x.mean(axis=(1, 2))[:, None]  # [B, 1, C']
+        if order is not None:
+            return jnp.take_along_axis(x.reshape(b, -1, x.shape[-1]), order[..., None], axis=1)
+        if self.cfg.vision_pool == "patch":
+            return x.reshape(b, -1, x.shape[-1])
+        pool = jnp.asarray(pooling_matrix(hw[0], hw[1], self.cfg.pool_grid))
+        pooled = jnp.einsum("gp,bspc->bsgc", pool, x)
+        return pooled.reshape(b, -1, pooled.shape[-1])
+
+    def project(self, pooled: jax.Array) -> jax.Array:
+        """Pooled tokens `[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's dtype."""
+        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled.astype(jnp.float32)), approximate=False))
         return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
+
+    def vision_tokens(self, patches: jax.Array, hw: tuple[int, int],
+                      object_fields: jax.Array | None = None,
+                      order: jax.Array | None = None) -> jax.Array:
+        """`project(pool_tokens(...))`: patch tokens (and object fields) -> `[B, Nv, D]`."""
+        return self.project(self.pool_tokens(patches, hw, object_fields, order))
 
     # -- sequence assembly ---------------------------------------------------------------------
     def _shared_prefix(self, vision):
@@ -303,7 +356,7 @@ class Student(nnx.Module):
         return hidden
 
     def __call__(self, images, prompt_ids, prompt_mask, answer_ids, answer_mask, *,
-                 text: bool = True) -> dict:
+                 text: bool = True, vision_inputs: jax.Array | None = None) -> dict:
         """Training forward.
 
         Args:
@@ -311,6 +364,9 @@ class Student(nnx.Module):
           prompt_ids / prompt_mask: `[B, Q, Lp]` int / bool, right-padded.
           answer_ids / answer_mask: `[B, Q, La]` int / bool, right-padded (teacher answer, EOS incl.).
           text: run the decoder (False: vision outputs only, as the vision stage trains them).
+          vision_inputs: `see(images, project=False)["vision_inputs"]` computed earlier (a frozen
+            vision side's output, cached by the trainer): the images are not looked at again, so
+            the heads that read the aggregator (depth, detection) must be off.
         Returns dict: `answer_hidden [B, Q, La, D]` (text), `vision_tokens [B, Nv, D]`, and when
         the heads exist `grounding [B, Q, 2, F]` (text), `pose_enc_list` (list of `[B, S, 9]`),
         `object_raw [B, S, h*w, F]`, `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`,
@@ -322,8 +378,14 @@ class Student(nnx.Module):
         q, lp = prompt_ids.shape[1:]
         la = answer_ids.shape[-1]
         self.cfg.check_lengths(s, lp, la)
-        seen = self.see(images)
-        layers, patches, vision = seen["layers"], seen["patches"], seen["vision"]
+        if vision_inputs is not None:
+            if self.depth_head is not None or self.det_head is not None:
+                raise ValueError("Student: cached vision_inputs leave the depth and detection heads "
+                                 "nothing to read; disable them or pass the images only")
+            seen = {"vision": self.project(vision_inputs)}
+        else:
+            seen = self.see(images)
+        vision = seen["vision"]
         out = {"vision_tokens": vision}
         for key in ("pose_enc_list", "object_raw"):
             if key in seen:
@@ -337,9 +399,10 @@ class Student(nnx.Module):
                 g = self.grounding_head(answer_hidden[:, :, 0].astype(jnp.float32))
                 out["grounding"] = g.reshape(b, q, 2, -1)
         if self.depth_head is not None:
-            depth, conf = self.depth_head(layers, (hh, ww), self.cfg.aggregator.patch_start_idx)
+            depth, conf = self.depth_head(seen["layers"], (hh, ww), self.cfg.aggregator.patch_start_idx)
             out["depth"], out["depth_conf"] = depth[..., 0], conf
         if self.det_head is not None:
+            patches = seen["patches"]
             out["det_logits"], out["det_boxes"] = self.det_head(patches.reshape(b, -1, patches.shape[-1]))
         return out
 
@@ -452,7 +515,8 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
     camera = obj = None
     if model.object_head.enabled:
         o = model.object_head
-        obj = ObjectHeadConfig(num_classes=o.num_classes, hidden=o.hidden)
+        obj = ObjectHeadConfig(num_classes=o.num_classes, hidden=o.hidden,
+                               register_views=bool(o.register_views))
         camera = CameraHeadConfig(dim_in=2 * v.embed_dim, trunk_depth=o.camera_trunk_depth,
                                   num_heads=v.num_heads)
     return StudentConfig(aggregator=aggregator, patch_embed=patch_embed, decoder=decoder,
@@ -460,7 +524,9 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
                          grounding=bool(model.grounding), image_size=image_size,
                          vision_pool=model.vision_pool,
                          num_latents=model.num_latents, latent_position=model.latent_position,
-                         freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen), vision_dtype=v.dtype, remat_vision=v.remat)
+                         freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
+                         camera_trains_trunk=bool(model.object_head.camera_trains_trunk),
+                         vision_dtype=v.dtype, remat_vision=v.remat)
 
 
 def create(cfg: StudentConfig, seed: int = 0, *, abstract: bool = False) -> Student:

@@ -76,7 +76,7 @@ class LossSpec:
     # Object ownership (losses/objects.py): pixel stride, box margin (m), patch fraction.
     object_stride: int = 2
     object_margin: float = 0.02
-    object_min_fraction: float = 0.05
+    object_min_fraction: float = 0.02
 
     @property
     def needs_object_targets(self) -> bool:
@@ -147,7 +147,8 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
     """
     images = batch["rgb"].astype(jnp.float32) / 255.0
     out = model(images, batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
-                batch["answer_mask"], text=spec.runs_decoder)
+                batch["answer_mask"], text=spec.runs_decoder,
+                vision_inputs=batch.get("vision_inputs"))  # the trainer's frozen-vision cache
     losses, metrics = {}, {}
     if "text" in spec.tasks:
         mask = batch["answer_mask"] & batch["question_mask"][..., None]
@@ -172,7 +173,9 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
         extrinsics, intrinsics = object_cameras(out["pose_enc_list"][-1], hw)
         raw = out["object_raw"]
         grid = (hw[0] // patch, hw[1] // patch)
-        centres = model.object_head.centres(raw, extrinsics, intrinsics, grid, patch)
+        # The per-view offsets and depths have their own targets; the composed centre teaches
+        # the cameras only (a wrong camera must not pull the per-view geometry off its target).
+        centres = model.object_head.centres(raw, extrinsics, intrinsics, grid, patch, train_views=False)
         losses["objects"], m = object_loss(model.object_head.split(raw), centres, targets,
                                            batch["labels"], patch=patch, grid_hw=grid)
         metrics.update(m, **{"aux/objects": losses["objects"]})

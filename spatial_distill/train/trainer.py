@@ -45,6 +45,7 @@ from spatial_distill.teacher.dump import records_dir
 from spatial_distill.train import checkpoint as ckpt_lib
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
+from spatial_distill.train import vision_cache
 
 log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
@@ -203,9 +204,11 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
                   max_answer_len=config.input.max_answer_len, max_boxes=config.input.max_boxes)
     spec = step_lib.loss_spec(config)
     limits["require_referred"] = "ground" in spec.tasks
+    cache_vision = caches_vision(config)
     train_data = InputPipeline(data_dir, "train", batch_size=config.train.batch_size,
                                seed=config.seed, image_size=size,
-                               shuffle_buffer=config.input.shuffle_buffer, **limits)
+                               shuffle_buffer=config.input.shuffle_buffer,
+                               with_sample_ids=cache_vision, **limits)
     # Built now so a missing or too small eval split fails before training, not after it.
     eval_data = InputPipeline(data_dir, "eval", batch_size=config.train.batch_size, seed=config.seed,
                               shuffle=False, num_epochs=1, image_size=size, **limits)
@@ -241,6 +244,19 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     # -- Step functions ------------------------------------------------------------------------
     step_kw = dict(graphdef=graphdef, abstract_state=abstract_model_state, spec=spec)
     batch_spec = batch_shapes(config, meta, batch_sharding)
+    train_spec, cache = batch_spec, None
+    if cache_vision:
+        def frozen_vision(params, images):
+            model = step_lib.student_from(graphdef, abstract_model_state, params)
+            return model.see(images.astype(jnp.float32) / 255.0, project=False)["vision_inputs"]
+
+        vision_fn = jax.jit(frozen_vision, in_shardings=(state_sh.params["student"], batch_sharding),
+                            out_shardings=batch_sharding)
+        shape = jax.eval_shape(frozen_vision, abstract_state.params["student"], batch_spec["rgb"])
+        train_spec = {**batch_spec, "vision_inputs": jax.ShapeDtypeStruct(
+            shape.shape, shape.dtype, sharding=batch_sharding)}
+        cache = vision_cache.VisionCache(vision_fn, lambda x: to_global({"rgb": x}, mesh)["rgb"])
+        log.info("frozen vision side cached per training sample: %s per sample", shape.shape[1:])
     train_fn = jax.jit(
         functools.partial(step_lib.train_step, tx=tx, schedule=schedule,
                           accum_steps=int(config.train.accum_steps), **step_kw),
@@ -251,7 +267,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
                       out_shardings=replicated)
     t0 = time.perf_counter()
     with sharding.axis_rules(mesh, rules):  # constrain() calls see the mesh while tracing
-        train_step = train_fn.lower(abstract_state, batch_spec).compile()
+        train_step = train_fn.lower(abstract_state, train_spec).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     compiled_eval = []  # compiled at the first evaluation
 
@@ -359,6 +375,9 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     while step < total_steps and not stop.requested(step):
         batch = next(train_data)
         _check_labels(batch, model_cfg)
+        if cache is not None:
+            batch["vision_inputs"] = cache.lookup(batch.pop("sample_id"), batch["rgb"],
+                                                  state.params["student"])
         batch = to_global(batch, mesh)
         with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug here
             state, m = train_step(state, batch)
@@ -390,6 +409,16 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
 # Held-out metrics the stage prints when it ends (the rest are in metrics.jsonl / TensorBoard).
 SUMMARY_METRICS = ("learning/loss", "distill/token_accuracy", "ground/centre_err_m", "ground/class_acc",
                    "objects/centre_err_m", "objects/class_acc", "camera/translation_l1")
+
+
+def caches_vision(config: ml_collections.ConfigDict) -> bool:
+    """Whether this run computes the frozen vision side once per sample (`vision_cache.py`):
+    `train.cache_vision`, the aggregator and object/camera heads frozen, no head that reads the
+    aggregator every step (depth, detection), one process."""
+    m = config.model
+    heads_frozen = m.object_head.frozen or not m.object_head.enabled
+    return (bool(config.train.cache_vision) and m.vision.frozen and heads_frozen
+            and not m.depth_head.enabled and not m.det_head.enabled and jax.process_count() == 1)
 
 
 def _check_labels(batch, model_cfg) -> None:

@@ -1,0 +1,189 @@
+"""Learning study: held-out spatial accuracy against training steps, per recipe (docs/learning.md).
+
+  # one run: the main job's stages with overrides, checkpoints every --every steps, each scored
+  python -m benchmarks.study_learning run --base=W --name=grounding --steps=800 --every=100 \
+      [--seed=0] [-- --config.loss.grounding=False ...]
+  # the text-only prior of a workdir's data
+  python -m benchmarks.study_learning prior --base=W
+  # the plot of every run under W/study (docs/learning_curves.png)
+  python -m benchmarks.study_learning plot --base=W --out=docs/learning_curves.png
+
+A run trains in `W/study/<name>` on the records of `W` (data and dump run there first, as the
+main job's), then loads every saved checkpoint and answers the held-out questions as the eval
+stage does: generated-answer accuracy (`grounded/<kind>_acc`) and the teacher-forced yes/no
+accuracy (`grounded_forced/<kind>_acc`). Results go to `W/study/<name>.json` with the wall time.
+
+The text-only prior answers each held-out question with the majority training answer of its
+template and of its objects' shapes (no images, no training): the line every accuracy here must be
+read against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+KINDS = ("proximity", "contact", "size", "orientation")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, overrides) -> None:
+    out = os.path.join(args.base, "study", args.name)
+    os.makedirs(out, exist_ok=True)
+    flags = [f"--config=configs/student.py:{args.preset}", f"--workdir={args.base}",
+             f"--config.seed={args.seed}"]
+    t0 = time.time()
+    # Data and records of the base workdir (resumable: found complete after the first run).
+    for mode in ("data", "dump"):
+        subprocess.run([sys.executable, "run.py", *flags, f"--config.mode={mode}"], cwd=ROOT, check=True)
+    t_data = time.time() - t0
+    records, tok = os.path.join(args.base, "records"), os.path.join(args.base, "tokenizer")
+    train = [sys.executable, "run.py", f"--config=configs/student.py:{args.preset}", f"--workdir={out}",
+             "--config.mode=train", f"--config.seed={args.seed}", f"--config.train.steps={args.steps}",
+             f"--config.train.checkpoint_every={args.every}", "--config.train.keep_checkpoints=1000",
+             f"--config.teacher.records_dir={records}", f"--config.tokenizer.path={tok}", *overrides]
+    t1 = time.time()
+    subprocess.run(train, cwd=ROOT, check=True)
+    t_train = time.time() - t1
+    scores = evaluate_checkpoints(args, out, overrides, records, tok)
+    result = {"name": args.name, "seed": args.seed, "steps": args.steps, "overrides": overrides,
+              "wall_s": {"data_and_dump": t_data, "train": t_train}, "curve": scores}
+    with open(os.path.join(args.base, "study", f"{args.name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    last = scores[-1]
+    print(f"{args.name}: step {last['step']}: " + ", ".join(
+        f"{k} {last.get(f'grounded/{k}_acc', float('nan')):.3f}" for k in KINDS))
+
+
+def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
+    """Grounded accuracy of every checkpoint in `out` (the eval stage's scoring)."""
+    import jax
+    from absl import flags as absl_flags
+    from flax import nnx
+    from ml_collections import config_flags
+
+    from spatial_distill.eval import grounded
+    from spatial_distill.models import student as st
+    from spatial_distill.tokenizer import load_tokenizer
+    from spatial_distill.train import checkpoint as ckpt_lib
+    from spatial_distill.train import step as step_lib
+
+    config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}")
+    absl_flags.FLAGS([sys.argv[0], f"--config=configs/student.py:{args.preset}",
+                      f"--config.seed={args.seed}", *overrides])
+    config = absl_flags.FLAGS.config
+    cfg = st.config_from(config.model, config.data.image_size)
+    graphdef, abstract_state = nnx.split(st.create(cfg, abstract=True))
+    place = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"student": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
+                                        abstract_state.to_pure_dict())}
+    ckpt_dir = os.path.join(out, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    tokenizer = load_tokenizer(tok)
+    scores = []
+    for step in steps:
+        params = ckpt_lib.load_params(ckpt_dir, abstract, step)
+        model = step_lib.student_from(graphdef, abstract_state, params["student"])
+        m = grounded.evaluate(model, tokenizer, records, split="eval", batch_size=config.train.batch_size,
+                              max_questions=config.input.max_questions,
+                              max_prompt_len=config.input.max_prompt_len,
+                              max_new_tokens=config.input.max_answer_len)
+        scores.append({"step": step, **{k: v for k, v in m.items() if k.startswith("grounded")}})
+        print(f"  step {step}: " + ", ".join(f"{k} {m[f'grounded/{k}_acc']:.3f}" for k in KINDS), flush=True)
+    return scores
+
+
+def text_prior(base: str) -> dict[str, float]:
+    """Accuracy per kind of the majority training answer per (template, subject shape, reference
+    shape), on the held-out questions."""
+    from data_pipelines import scannet
+
+    def items(split):
+        root = os.path.join(base, "data", split)
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if not os.path.isdir(d):
+                continue
+            meta = json.load(open(os.path.join(d, "scene.json")))
+            names = meta["label_names"]
+            for qa in scannet.read_scene_qa(d):
+                if qa.kind not in KINDS:
+                    continue
+                template = qa.question
+                for role, j in zip("ab", qa.subjects):
+                    template = re.sub(rf"\b{re.escape(names[j])}\b", "{" + role + "}", template)
+                shapes = tuple(names[j].split()[-1] for j in qa.subjects)
+                yield qa.kind, (template, shapes), qa.answer
+
+    votes = collections.defaultdict(collections.Counter)
+    for _, key, answer in items("train"):
+        votes[key][answer] += 1
+    right, total = collections.Counter(), collections.Counter()
+    for kind, key, answer in items("eval"):
+        guess = votes[key].most_common(1)[0][0] if votes[key] else "yes"
+        right[kind] += guess == answer
+        total[kind] += 1
+    return {k: right[k] / total[k] for k in KINDS if total[k]}
+
+
+def plot(base: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prior = text_prior(base)
+    runs = [json.load(open(os.path.join(base, "study", f))) for f in sorted(os.listdir(os.path.join(base, "study")))
+            if f.endswith(".json")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
+    for ax, kind in zip(axes, KINDS):
+        for r in runs:
+            steps = [c["step"] for c in r["curve"]]
+            line, = ax.plot(steps, [c[f"grounded/{kind}_acc"] for c in r["curve"]], marker="o", ms=3,
+                            label=r["name"])
+            ax.plot(steps, [c.get(f"grounded_forced/{kind}_acc", float("nan")) for c in r["curve"]],
+                    ls=":", color=line.get_color())
+        ax.axhline(prior[kind], color="k", ls="--", lw=1, label="text-only prior")
+        ax.axhline(0.85 if kind in ("proximity", "contact") else 0.80, color="r", lw=0.8, label="goal")
+        ax.set_title(kind)
+        ax.set_xlabel("train step")
+        ax.set_ylim(0.4, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (solid: generated, dotted: teacher-forced)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}; text-only prior {json.dumps({k: round(v, 3) for k, v in prior.items()})}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=("run", "prior", "plot"))
+    p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer)")
+    p.add_argument("--name", default="run")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--out", default="docs/learning_curves.png")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        sys.argv = sys.argv[:1]  # absl parses only what evaluate_checkpoints hands it
+        run(args, overrides)
+    elif args.command == "prior":
+        print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
+    else:
+        plot(args.base, args.out)
+
+
+if __name__ == "__main__":
+    main()
