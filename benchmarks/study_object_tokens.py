@@ -29,55 +29,75 @@ from flax import nnx
 from configs import student as student_configs
 from data_pipelines import scannet, synthetic
 from data_pipelines.spatial_qa import KINDS as SHAPES
+from spatial_distill import geometry
 from spatial_distill import tokenizer as tokenizer_lib
 from spatial_distill.models import student as student_lib
 from spatial_distill.models.llama import Llama
 
 COLOURS = tuple(synthetic.PALETTE)
 BINARY_KINDS = ("proximity", "contact", "size", "orientation")
-FEATURES = len(COLOURS) + len(SHAPES) + 3 + 3 + 2
 
 
-def object_tokens(scene, max_objects: int) -> np.ndarray:
-    """`[max_objects, FEATURES]` exact attributes of each object (zero rows pad)."""
-    out = np.zeros((max_objects, FEATURES), np.float32)
+def num_features(colour: str) -> int:
+    return (len(COLOURS) if colour == "onehot" else 3) + len(SHAPES) + 3 + 3 + 2
+
+
+def object_tokens(scene, max_objects: int, *, frame: str = "world", colour: str = "onehot") -> np.ndarray:
+    """`[max_objects, F]` exact attributes of each object (zero rows pad): colour (palette one-hot,
+    or its RGB albedo), shape one-hot, centre, size, (cos, sin) of yaw; centre and yaw in the world
+    frame or camera 0's (`geometry.box_attributes`: OpenCV centre, yaw as cos/sin 2ψ)."""
+    out = np.zeros((max_objects, num_features(colour)), np.float32)
     if len(scene.boxes) > max_objects:
         raise ValueError(f"{scene.sample_id}: {len(scene.boxes)} objects > --max_objects {max_objects}")
+    cam0 = np.asarray(geometry.box_attributes(jnp.asarray(scene.boxes)[None],
+                                              jnp.asarray(scene.cam_to_world)[None]))[0]
     for i, (box, label, name) in enumerate(zip(scene.boxes, scene.labels, scene.label_names)):
-        colour = np.eye(len(COLOURS))[COLOURS.index(name.split()[0])]
+        c = COLOURS.index(name.split()[0])
+        col = np.eye(len(COLOURS))[c] if colour == "onehot" else np.asarray(synthetic.PALETTE[COLOURS[c]])
         shape = np.eye(len(SHAPES))[int(label)]
-        out[i] = np.concatenate([colour, shape, box[:3], box[3:6], [np.cos(box[6]), np.sin(box[6])]])
+        if frame == "camera0":
+            geo = np.concatenate([cam0[i, :3], box[3:6], cam0[i, 6:8]])
+        else:
+            geo = np.concatenate([box[:3], box[3:6], [np.cos(box[6]), np.sin(box[6])]])
+        out[i] = np.concatenate([col, shape, geo])
     return out
 
 
-def load_split(root: str, tok, *, max_objects: int, max_questions: int, max_len: int):
-    """Object tokens `[N, O, F]`, question ids/mask `[N, Q, L]`, answers `[N, Q]` (1 = yes) and
-    kind index `[N, Q]` (-1 = no question) for every scene under `root`."""
+def load_split(root: str, tok, *, max_objects: int, max_questions: int, max_len: int,
+               frame: str = "world", colour: str = "onehot"):
+    """Object tokens `[N, O, F]`, question ids/mask `[N, Q, L]`, answers `[N, Q]` (1 = yes), kind
+    index `[N, Q]` (-1 = no question) and the (subject, reference) object ids `[N, Q, 2]` for
+    every scene under `root`."""
     scenes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    objs = np.zeros((len(scenes), max_objects, FEATURES), np.float32)
+    objs = np.zeros((len(scenes), max_objects, num_features(colour)), np.float32)
     ids = np.zeros((len(scenes), max_questions, max_len), np.int32)
     mask = np.zeros((len(scenes), max_questions, max_len), bool)
     kind = np.full((len(scenes), max_questions), -1, np.int32)
     yes = np.zeros((len(scenes), max_questions), bool)
+    subjects = np.zeros((len(scenes), max_questions, 2), np.int32)
     for n, name in enumerate(scenes):
         scene = scannet.read_scene(os.path.join(root, name), num_views=1)
-        objs[n] = object_tokens(scene, max_objects)
+        objs[n] = object_tokens(scene, max_objects, frame=frame, colour=colour)
         qas = [qa for qa in scene.qa if qa.kind in BINARY_KINDS][:max_questions]
         for q, qa in enumerate(qas):
             t = tok.encode(qa.question)[:max_len]
             ids[n, q, :len(t)], mask[n, q, :len(t)] = t, True
             kind[n, q] = BINARY_KINDS.index(qa.kind)
             yes[n, q] = qa.answer == "yes"
-    return objs, ids, mask, yes, kind
+            subjects[n, q] = qa.subjects[:2]
+    return objs, ids, mask, yes, kind, subjects
 
 
 class Probe(nnx.Module):
-    def __init__(self, decoder_cfg, *, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(FEATURES, decoder_cfg.hidden_size, rngs=rngs)
+    def __init__(self, decoder_cfg, features: int, *, rngs: nnx.Rngs):
+        self.proj = nnx.Linear(features, decoder_cfg.hidden_size, rngs=rngs)
         self.decoder = Llama(decoder_cfg, rngs=rngs)
+        # The readout: the answer position's hidden state -> (subject, reference) attributes.
+        self.readout = nnx.Linear(decoder_cfg.hidden_size, 2 * features, rngs=rngs)
 
     def __call__(self, objs, ids, mask):
-        """objs `[B, O, F]`, ids/mask `[B, Q, L]` -> next-token logits after each question `[B, Q, V]`."""
+        """objs `[B, O, F]`, ids/mask `[B, Q, L]` -> next-token logits after each question
+        `[B, Q, V]` and the readout `[B, Q, 2, F]`."""
         b, q, length = ids.shape
         o, d = objs.shape[1], self.decoder.config.hidden_size
         prefix = jnp.broadcast_to(self.proj(objs)[:, None], (b, q, o, d)).reshape(b * q, o, d)
@@ -86,8 +106,9 @@ class Probe(nnx.Module):
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         h, _ = self.decoder.hidden(x, positions=positions, segment_ids=valid.astype(jnp.int32))
         last = o + mask.reshape(b * q, length).sum(-1) - 1
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
-        return self.decoder.logits(h_last)[:, 0].reshape(b, q, -1)
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        return (self.decoder.logits(h_last[:, None])[:, 0].reshape(b, q, -1),
+                self.readout(h_last).reshape(b, q, 2, objs.shape[-1]))
 
 
 def main() -> None:
@@ -100,6 +121,10 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=200)
     p.add_argument("--max_objects", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frame", choices=("world", "camera0"), default="world")
+    p.add_argument("--colour", choices=("onehot", "rgb"), default="onehot")
+    p.add_argument("--readout", type=float, default=0.0,
+                   help="weight of the readout loss: MSE of the referred objects' attributes")
     a = p.parse_args()
 
     tok = tokenizer_lib.load_tokenizer(os.path.join(a.workdir, "tokenizer"))
@@ -107,13 +132,15 @@ def main() -> None:
     config = student_configs.get_config(a.preset)
     decoder_cfg = student_lib.config_from(config.model, config.data.image_size).decoder
     tokenizer_lib.check_vocab(tok, decoder_cfg.vocab_size, what=f"{a.preset} decoder")
-    limits = dict(max_objects=a.max_objects, max_questions=16, max_len=config.input.max_prompt_len)
+    limits = dict(max_objects=a.max_objects, max_questions=16, max_len=config.input.max_prompt_len,
+                  frame=a.frame, colour=a.colour)
     train = load_split(os.path.join(a.workdir, "data", "train"), tok, **limits)
     held_out = load_split(os.path.join(a.workdir, "data", "eval"), tok, **limits)
     print(f"{len(train[0])} train / {len(held_out[0])} held-out scenes; decoder "
-          f"{decoder_cfg.num_layers} x {decoder_cfg.hidden_size}, lr {a.learning_rate}")
+          f"{decoder_cfg.num_layers} x {decoder_cfg.hidden_size}, lr {a.learning_rate}, "
+          f"{a.frame} frame, {a.colour} colour, readout weight {a.readout}")
 
-    model = Probe(decoder_cfg, rngs=nnx.Rngs(a.seed))
+    model = Probe(decoder_cfg, train[0].shape[-1], rngs=nnx.Rngs(a.seed))
     schedule = optax.join_schedules([optax.linear_schedule(0.0, a.learning_rate, 30),
                                      optax.constant_schedule(a.learning_rate)], [30])
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -123,11 +150,14 @@ def main() -> None:
         return jnp.where(yes, yes_id, no_id)
 
     @nnx.jit
-    def step(model, optimizer, objs, ids, mask, yes, kind):
+    def step(model, optimizer, objs, ids, mask, yes, kind, subjects):
         def loss_fn(model):
-            ce = optax.softmax_cross_entropy_with_integer_labels(model(objs, ids, mask), targets(yes))
+            logits, readout = model(objs, ids, mask)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets(yes))
             real = kind >= 0
-            return (ce * real).sum() / real.sum()
+            want = jnp.take_along_axis(objs[:, None], subjects[..., None], axis=2)  # [B, Q, 2, F]
+            mse = ((readout - want) ** 2).sum((-1, -2))
+            return ((ce + a.readout * mse) * real).sum() / real.sum()
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
@@ -135,11 +165,11 @@ def main() -> None:
 
     @nnx.jit
     def says_yes(model, objs, ids, mask):
-        logits = model(objs, ids, mask)
+        logits = model(objs, ids, mask)[0]
         return logits[..., yes_id] > logits[..., no_id]
 
     def accuracy() -> dict[str, float]:
-        objs, ids, mask, yes, kind = held_out
+        objs, ids, mask, yes, kind, _ = held_out
         pred = np.concatenate([np.asarray(says_yes(model, objs[i:i + 50], ids[i:i + 50], mask[i:i + 50]))
                                for i in range(0, len(objs), 50)])
         ok = pred == yes

@@ -32,7 +32,7 @@ PRESETS = {
         det=dict(queries=16, dim=64, layers=2, heads=4, classes=3),
         objects=dict(enabled=True, classes=3, hidden=128, camera_trunk=2, frozen=True,
                      camera_trains_trunk=False, register=True),
-        pool="patch", latents=8, depth_head=False, det_head=False,
+        pool="objects64", latents=8, depth_head=False, det_head=False,
         vision_stage=dict(steps=5000, batch=8, lr=2e-3, warmup=100)),
     "small": dict(
         image_size=224, train=4000, eval=500, batch=32, steps=20000, vocab=32000,
@@ -96,7 +96,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Padded lengths cost decoder work on every question: the tiny preset's BPE writes the
     # synthetic questions in <= 13 tokens (BOS included) and answers in <= 5 (EOS included).
     c.input.max_prompt_len = 16 if preset == "tiny" else 32
-    c.input.max_answer_len = 6 if preset == "tiny" else 8
+    c.input.max_answer_len = 8
     c.input.max_boxes = 16
     c.input.shuffle_buffer = 128
 

@@ -69,6 +69,11 @@ def test_sharded_init_on_eight_devices():
         def f(x):
             with sharding.axis_rules(mesh):
                 return sharding.constrain(x * 2, ("activation_batch", "activation_embed"))
+        # An odd width (a projector over 128 + 15 channels) is replicated on that dimension only.
+        odd = nnx.eval_shape(lambda: nnx.Linear(143, 16, kernel_init=nnx.with_partitioning(
+            nnx.initializers.lecun_normal(), ("embed", "mlp")), rngs=nnx.Rngs(0)))
+        spec = sharding.state_shardings(nnx.state(odd), mesh, sharding.DEFAULT_RULES)["kernel"].get_value().spec
+        assert spec == jax.sharding.PartitionSpec(None, "tensor"), spec
         y = jax.jit(f)(np.ones((8, 4), np.float32))
         want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
         assert y.sharding.is_equivalent_to(want, 2), y.sharding

@@ -285,14 +285,15 @@ def test_paper_preset_size():
 
 
 def object_cfg(**overrides) -> st.StudentConfig:
-    """The tiny preset's object-token student (object + camera heads, a token per patch,
-    grounding head) at 56 px with random weights and a small decoder."""
+    """The tiny preset's object-token student (object + camera heads, grounding head), a
+    token per patch unless overridden, at 56 px with random weights and a small decoder."""
     c = student_configs.get_config("tiny")
     c.model.vision.checkpoint = None
     c.model.vision.pos_embed_size = None
     cfg = st.config_from(c.model, 56)
     small_decoder = dataclasses.replace(cfg.decoder, vocab_size=64, hidden_size=32, num_layers=2,
                                         num_heads=4, num_kv_heads=2, intermediate_size=64)
+    overrides.setdefault("vision_pool", "patch")  # a token per patch, whatever the preset pools
     return dataclasses.replace(cfg, decoder=small_decoder, **overrides)
 
 
@@ -314,6 +315,8 @@ def test_object_tokens_carry_the_object_fields_and_grounding_reads_the_answer_po
     fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)
     from spatial_distill.models.object_head import cameras
     ext, intr = cameras(seen["pose_enc_list"][-1], (56, 56))
+    if cfg.object_head.register_views:
+        ext = model.object_head.register_views(seen["object_raw"], ext, intr, (4, 4), 14)
     centres = model.object_head.centres(seen["object_raw"], ext, intr, (4, 4), 14)
     np.testing.assert_allclose(np.asarray(fields[..., 7:10]), np.asarray(centres), atol=1e-5)
     assert fields.shape[-1] == cfg.object_head.num_features
@@ -321,7 +324,9 @@ def test_object_tokens_carry_the_object_fields_and_grounding_reads_the_answer_po
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_frozen_vision_and_object_heads_get_no_gradient_from_the_decoder(frozen):
+    # Unregistered views: the decoder reaches the camera head through every view's extrinsics.
     cfg = object_cfg(freeze_vision=frozen, freeze_objects=frozen)
+    cfg = dataclasses.replace(cfg, object_head=dataclasses.replace(cfg.object_head, register_views=False))
     model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
 
@@ -363,3 +368,20 @@ def test_cached_vision_inputs_give_the_same_outputs():
     np.testing.assert_array_equal(again, first[::-1])
     cache.lookup([b"a", b"c"], imgs, None)  # one new sample: one call for the batch
     assert calls == [2, 2] and cache.computed == 3 and cache.nbytes == 3 * 3 * 4  # uint32 sums
+
+
+def test_object_pooling_keeps_the_most_object_like_patches_in_order():
+    model = st.create(object_cfg(vision_pool="objects5"), 0)
+    images = jnp.asarray(batch()[0])
+    seen = model.see(images, project=False)
+    objectness = np.asarray(seen["object_raw"][..., 0]).reshape(B, -1)
+    want = np.sort(np.argsort(-objectness, axis=1)[:, :5], axis=1)
+    tokens = np.asarray(model.pool_tokens(seen["patches"], (4, 4), None, jnp.asarray(want)))
+    np.testing.assert_allclose(np.asarray(seen["vision_inputs"])[..., :128], tokens, atol=1e-6)
+    flat = np.asarray(seen["patches"]).reshape(B, -1, 128)
+    np.testing.assert_allclose(tokens, np.take_along_axis(flat, want[..., None], 1), atol=1e-6)
+    assert model.cfg.num_vision_tokens(S) == 5
+    with pytest.raises(ValueError, match="objects<k> selects|enable the object head"):
+        tiny_cfg(vision_pool="objects5")  # no object head
+    with pytest.raises(ValueError, match="only 32 patch tokens"):
+        st.create(object_cfg(vision_pool="objects40"), 0).see(images)

@@ -57,6 +57,7 @@ def tiny_config(records: str | None = None, tokenizer: str | None = None, *, hea
     # shipped checkpoint has the full tiny widths; test_vision.py loads it).
     v.checkpoint, v.pos_embed_size = None, None
     c.model.object_head.hidden = 16
+    c.model.vision_pool = "objects8"  # of 2 views x 16 patches
     m = c.model.decoder
     m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size = 32, 2, 4, 2, 64
     dh = c.model.depth_head
@@ -98,6 +99,8 @@ def child(spec: dict) -> None:
     original = trainer.to_global
 
     def to_global(batch, mesh):  # one call per train step: the place to interrupt or corrupt one
+        if set(batch) == {"rgb"}:  # the frozen-vision cache's images, not a step's batch
+            return original(batch, mesh)
         calls["n"] += 1
         if calls["n"] == spec.get("kill_at"):
             os.kill(os.getpid(), signal.SIGKILL)

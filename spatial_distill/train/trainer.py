@@ -392,8 +392,9 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
             writer.write(step, evaluate(state))
     report(state, step)
     if step < total_steps:
+        if ckpt.latest_step() != step:  # unless the signal came right after a periodic save
+            save(state, step)
         log.warning("SIGTERM: saved step %d and stopped; rerun to resume", step)
-        save(state, step)
         return
     if ckpt.latest_step() != step:
         save(state, step)
