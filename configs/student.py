@@ -195,7 +195,11 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     d.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     d.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
 
-    m.vision_pool = p["pool"]  # mean1 (the paper's single token) | grid<g> per view | patch (all)
+    m.vision_pool = p["pool"]  # mean1 (the paper's) | grid<g> per view | patch | objects<k> | slots<k>
+    m.slots = ml_collections.ConfigDict()  # vision_pool slots<k>: patches grouped into objects
+    m.slots.radius = 0.75  # metres between a patch's predicted object centre and its seed's
+    m.slots.colour_scale = 0.15  # RGB distance in [0, 1] within which a patch joins a slot
+    m.slots.min_objectness = 0.5  # seeds below it leave their slot empty
     m.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
     m.latent_position = "before_question"  # before_question [V][T][Q][A] | after_question [V][Q][T][A]
 

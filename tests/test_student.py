@@ -202,7 +202,8 @@ def test_heads_and_mean1_pooling_shapes():
     c.model.depth_head.enabled = c.model.det_head.enabled = True
     c.model.object_head.enabled = c.model.grounding = False
     c.model.vision.checkpoint = None
-    cfg = dataclasses.replace(st.config_from(c.model, 56), vision_pool="mean1")
+    c.model.vision_pool = "mean1"
+    cfg = st.config_from(c.model, 56)
     model = st.create(cfg, 0)
     images, prompt, pm, answer, am = batch()
     out = forward(model, jnp.asarray(images), prompt, pm, answer, am)
@@ -385,3 +386,23 @@ def test_object_pooling_keeps_the_most_object_like_patches_in_order():
         tiny_cfg(vision_pool="objects5")  # no object head
     with pytest.raises(ValueError, match="only 32 patch tokens"):
         st.create(object_cfg(vision_pool="objects40"), 0).see(images)
+
+
+def test_slot_pooling_averages_the_grouped_patches():
+    from spatial_distill.models import slots
+
+    model = st.create(object_cfg(vision_pool="slots3", slot_min_objectness=0.0), 0)
+    images = jnp.asarray(batch()[0])
+    seen = model.see(images, project=False)
+    fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)
+    flat = np.asarray(fields).reshape(B, -1, fields.shape[-1])
+    c = model.cfg.object_head.num_classes
+    colours = 1 / (1 + np.exp(-flat[..., 1 + c:4 + c]))  # the fields carry colour logits
+    w = np.asarray(slots.group(flat[..., 0], flat[..., 4 + c:7 + c], colours, flat[..., 1:1 + c],
+                               3, radius=0.75, colour_scale=0.15, min_objectness=0.0))
+    np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)  # no objectness floor: every slot is used
+    x = np.concatenate([np.asarray(seen["patches"]).reshape(B, -1, 128), flat], -1)
+    np.testing.assert_allclose(np.asarray(seen["vision_inputs"]), np.einsum("bkp,bpc->bkc", w, x), atol=1e-5)
+    assert model.cfg.num_vision_tokens(S) == 3
+    with pytest.raises(ValueError, match="slots<k>"):
+        object_cfg(vision_pool="slots0").num_object_tokens

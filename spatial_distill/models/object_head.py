@@ -16,7 +16,13 @@ Raw output channels (`RAW`): objectness logit, class logits [C], colour logits [
 log z, log dx, log dy, log dz, cos 2ψ, sin 2ψ.
 
 `features(...)` is what the student's vision tokens carry beside the patch features:
-objectness probability, class probabilities, colour, centre (camera 0), log size, (cos 2ψ, sin 2ψ).
+objectness probability, class probabilities, colour logits (clipped to ±`COLOUR_LOGIT_CLIP`),
+centre (camera 0), log size, (cos 2ψ, sin 2ψ). Colour goes in as logits, not as the [0, 1] colour:
+observed (shaded) colours span only ~0.1–0.55, so two objects' colours differ by ~0.15 beside
+centres that differ by metres, and a decoder trained from scratch needs hundreds of steps to grow
+projector weights large enough to tell them apart; logits spread them ~5x wider. In the
+readout probe on exact fields this cut the referred-object centre error at step 400 from 0.52 m
+to 0.35 m (docs/learning.md).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from spatial_distill.models.camera_head import pose_encoding_to_extri_intri
 from spatial_distill.models.state_dict import StateDict
 from spatial_distill.models.vit_layers import export_layernorm
 from spatial_distill.sharding import constrain
+
+COLOUR_LOGIT_CLIP = 6.0  # sigmoid(6) = 0.998: any colour, without unbounded inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +177,8 @@ class ObjectHead(nnx.Module):
         centre = self.centres(raw, extrinsics, intrinsics, grid, patch)
         return jnp.concatenate([
             jax.nn.sigmoid(parts["objectness"])[..., None], jax.nn.softmax(parts["class_logits"], -1),
-            jax.nn.sigmoid(parts["colour_logits"]), centre, parts["log_size"], parts["yaw2"]], -1)
+            jnp.clip(parts["colour_logits"], -COLOUR_LOGIT_CLIP, COLOUR_LOGIT_CLIP), centre,
+            parts["log_size"], parts["yaw2"]], -1)
 
     # -- checkpoints (torch layout, like the VGGT heads it ships beside) --------------------------
     def load_torch(self, sd: StateDict, prefix: str) -> None:

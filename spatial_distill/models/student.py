@@ -43,6 +43,7 @@ from flax import nnx
 
 from spatial_distill import generate as generate_lib
 from spatial_distill import geometry
+from spatial_distill.models import slots
 from spatial_distill.models.camera_head import CameraHead, CameraHeadConfig
 from spatial_distill.models.dpt import DPTConfig, DPTHead
 from spatial_distill.models.heads import DetectionHead, DetHeadConfig
@@ -67,8 +68,12 @@ class StudentConfig:
     grounding: bool = False  # the grounding readout head on the first answer position
     image_size: int = 0  # square input frames in pixels (the `patch` pooling needs the grid)
     # "mean1" (one token per sample, the paper's), "grid<g>" (g*g per view), "patch" (every
-    # patch of every view) or "objects<k>" (the k patches the object head finds objects in).
+    # patch of every view), "objects<k>" (the k patches the object head finds objects in) or
+    # "slots<k>" (patches grouped into at most k objects, one token each: `slots.py`).
     vision_pool: str = "grid2"
+    slot_radius: float = 0.75  # metres between a patch's predicted centre and its slot seed's
+    slot_colour_scale: float = 0.15  # RGB distance within which a patch joins a slot
+    slot_min_objectness: float = 0.5  # a weaker seed leaves its slot (and the rest) empty
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"
     freeze_vision: bool = False  # stop gradients at the aggregator output
@@ -99,17 +104,23 @@ class StudentConfig:
 
     @property
     def num_object_tokens(self) -> int:
-        """k of `objects<k>` (0 for the other poolings)."""
-        if self.vision_pool.startswith("objects"):
-            k = self.vision_pool[7:]
+        """k of `objects<k>` / `slots<k>` (0 for the other poolings)."""
+        for kind in ("objects", "slots"):
+            if not self.vision_pool.startswith(kind):
+                continue
+            k = self.vision_pool[len(kind):]
             if not k.isdigit() or int(k) < 1:
-                raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use objects<k>, "
-                                 "k >= 1 (e.g. objects64)")
+                raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use {kind}<k>, "
+                                 f"k >= 1 (e.g. {kind}16)")
             if self.object_head is None:
                 raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r} selects tokens by "
                                  "the object head's objectness: enable the object head")
             return int(k)
         return 0
+
+    @property
+    def slot_pooling(self) -> bool:
+        return self.vision_pool.startswith("slots") and self.num_object_tokens > 0
 
     @property
     def pool_grid(self) -> int:
@@ -124,7 +135,7 @@ class StudentConfig:
         if self.vision_pool.startswith("grid") and self.vision_pool[4:].isdigit() and int(self.vision_pool[4:]) > 0:
             return int(self.vision_pool[4:])
         raise ValueError(f"StudentConfig.vision_pool = {self.vision_pool!r}: use 'mean1', 'patch', "
-                         "'objects<k>' or 'grid<g>' (e.g. grid2)")
+                         "'objects<k>', 'slots<k>' or 'grid<g>' (e.g. grid2)")
 
     def num_vision_tokens(self, num_views: int) -> int:
         if self.num_object_tokens:
@@ -231,16 +242,24 @@ class Student(nnx.Module):
             fields = self.object_head.features(raw, out["pose_enc_list"][-1], (hh, ww), p)
             if self.cfg.freeze_objects:  # the decoder's losses stop at the frozen heads
                 fields = jax.lax.stop_gradient(fields)
-        order = None
+        order = weights = None
         if self.cfg.num_object_tokens:
             objectness = out["object_raw"][..., 0].reshape(images.shape[0], -1)
             k = self.cfg.num_object_tokens
             if k > objectness.shape[1]:
-                raise ValueError(f"vision_pool objects{k}: only {objectness.shape[1]} patch tokens "
-                                 f"({images.shape[1]} views of {hh}x{ww}); lower k")
-            # The k patches most likely to see an object, in view-then-raster order.
-            order = jnp.sort(jax.lax.top_k(jax.lax.stop_gradient(objectness), k)[1], axis=-1)
-        out["vision_inputs"] = self.pool_tokens(patches, (hh // p, ww // p), fields, order)
+                raise ValueError(f"vision_pool {self.cfg.vision_pool}: only {objectness.shape[1]} patch "
+                                 f"tokens ({images.shape[1]} views of {hh}x{ww}); lower k")
+            if self.cfg.slot_pooling:
+                c = self.cfg.object_head.num_classes
+                flat = fields.reshape(images.shape[0], -1, fields.shape[-1])
+                colours = jax.nn.sigmoid(flat[..., 1 + c:4 + c])  # the fields carry colour logits
+                weights = slots.group(flat[..., 0], flat[..., 4 + c:7 + c], colours,
+                                      flat[..., 1:1 + c], k, radius=self.cfg.slot_radius,
+                                      colour_scale=self.cfg.slot_colour_scale,
+                                      min_objectness=self.cfg.slot_min_objectness)
+            else:  # the k patches most likely to see an object, in view-then-raster order
+                order = jnp.sort(jax.lax.top_k(jax.lax.stop_gradient(objectness), k)[1], axis=-1)
+        out["vision_inputs"] = self.pool_tokens(patches, (hh // p, ww // p), fields, order, weights)
         if project:
             out["vision"] = self.project(out["vision_inputs"])
         return out
@@ -253,10 +272,11 @@ class Student(nnx.Module):
 
     def pool_tokens(self, patches: jax.Array, hw: tuple[int, int],
                     object_fields: jax.Array | None = None,
-                    order: jax.Array | None = None) -> jax.Array:
+                    order: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
         """patches `[B, S, h*w, 2C]` (and the object head's per-patch fields `[B, S, h*w, F]`)
         -> pooled tokens `[B, Nv, C']` (float32), the projector's input. `order` `[B, k]`: the
-        (view-major) patch indices `objects<k>` keeps."""
+        (view-major) patch indices `objects<k>` keeps; `weights` `[B, k, S*h*w]`: the slots'
+        patch weights (`slots.group`)."""
         b = patches.shape[0]
         x = patches.astype(jnp.float32)
         if object_fields is not None:
@@ -265,6 +285,8 @@ class Student(nnx.Module):
             return x.mean(axis=(1, 2))[:, None]  # [B, 1, C']
         if order is not None:
             return jnp.take_along_axis(x.reshape(b, -1, x.shape[-1]), order[..., None], axis=1)
+        if weights is not None:
+            return jnp.einsum("bkp,bpc->bkc", weights, x.reshape(b, -1, x.shape[-1]))
         if self.cfg.vision_pool == "patch":
             return x.reshape(b, -1, x.shape[-1])
         pool = jnp.asarray(pooling_matrix(hw[0], hw[1], self.cfg.pool_grid))
@@ -522,7 +544,9 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
     return StudentConfig(aggregator=aggregator, patch_embed=patch_embed, decoder=decoder,
                          depth_head=depth, det_head=det, camera_head=camera, object_head=obj,
                          grounding=bool(model.grounding), image_size=image_size,
-                         vision_pool=model.vision_pool,
+                         vision_pool=model.vision_pool, slot_radius=float(model.slots.radius),
+                         slot_colour_scale=float(model.slots.colour_scale),
+                         slot_min_objectness=float(model.slots.min_objectness),
                          num_latents=model.num_latents, latent_position=model.latent_position,
                          freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
                          camera_trains_trunk=bool(model.object_head.camera_trains_trunk),
