@@ -221,6 +221,19 @@ def test_run_writes_metrics_checkpoints_and_eval(records, straight):
 
 
 @pytest.mark.slow
+def test_sigterm_right_after_a_periodic_checkpoint_stops_cleanly(records, tmp_path):
+    wd = str(tmp_path / "term_on_save")
+    # SIGTERM during step 2, which is also a checkpoint step: one save, a clean stop.
+    rc, err = run_child(spec_of(records, [[wd, {}]], term_at=2), records["cache"])
+    assert rc == 0, err[-3000:]
+    ckpt = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), keep=2)
+    try:
+        assert ckpt.all_steps() == [2]
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.slow
 def test_sigterm_and_kill9_resume_bit_exact(records, straight, tmp_path):
     wd = str(tmp_path / "interrupted")
     # SIGTERM during step 3: the loop finishes the step, saves it and returns cleanly.
