@@ -400,6 +400,8 @@ def test_slot_pooling_averages_the_grouped_patches():
     colours = 1 / (1 + np.exp(-flat[..., 1 + c:4 + c]))  # the fields carry colour logits
     w = np.asarray(slots.group(flat[..., 0], flat[..., 4 + c:7 + c], colours, flat[..., 1:1 + c],
                                3, radius=0.75, colour_scale=0.15, min_objectness=0.0))
+    from spatial_distill.models.object_head import split_features
+    np.testing.assert_allclose(np.asarray(split_features(jnp.asarray(flat), c)["colour"]), colours, rtol=1e-6)
     np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)  # no objectness floor: every slot is used
     x = np.concatenate([np.asarray(seen["patches"]).reshape(B, -1, 128), flat], -1)
     np.testing.assert_allclose(np.asarray(seen["vision_inputs"]), np.einsum("bkp,bpc->bkc", w, x), atol=1e-5)

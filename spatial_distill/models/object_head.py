@@ -87,6 +87,15 @@ def cameras(pose_enc: jax.Array, image_hw: tuple[int, int]) -> tuple[jax.Array, 
     return extrinsics, intrinsics
 
 
+def split_features(fields: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+    """`ObjectHead.features` output `[..., num_features]` by name: objectness `[...]`, class
+    probabilities `[..., C]`, colour (in [0, 1], from the logits the fields carry) `[..., 3]`,
+    centre `[..., 3]`."""
+    c = num_classes
+    return {"objectness": fields[..., 0], "class_probs": fields[..., 1:1 + c],
+            "colour": jax.nn.sigmoid(fields[..., 1 + c:4 + c]), "centre": fields[..., 4 + c:7 + c]}
+
+
 class ObjectHead(nnx.Module):
     """Per-patch object predictions from aggregator patch tokens."""
 

@@ -48,7 +48,7 @@ from spatial_distill.models.camera_head import CameraHead, CameraHeadConfig
 from spatial_distill.models.dpt import DPTConfig, DPTHead
 from spatial_distill.models.heads import DetectionHead, DetHeadConfig
 from spatial_distill.models.llama import Llama, LlamaConfig
-from spatial_distill.models.object_head import ObjectHead, ObjectHeadConfig
+from spatial_distill.models.object_head import ObjectHead, ObjectHeadConfig, split_features
 from spatial_distill.models.vggt import Aggregator, AggregatorConfig, PatchEmbedConfig
 from spatial_distill.sharding import constrain
 
@@ -250,11 +250,10 @@ class Student(nnx.Module):
                 raise ValueError(f"vision_pool {self.cfg.vision_pool}: only {objectness.shape[1]} patch "
                                  f"tokens ({images.shape[1]} views of {hh}x{ww}); lower k")
             if self.cfg.slot_pooling:
-                c = self.cfg.object_head.num_classes
-                flat = fields.reshape(images.shape[0], -1, fields.shape[-1])
-                colours = jax.nn.sigmoid(flat[..., 1 + c:4 + c])  # the fields carry colour logits
-                weights = slots.group(flat[..., 0], flat[..., 4 + c:7 + c], colours,
-                                      flat[..., 1:1 + c], k, radius=self.cfg.slot_radius,
+                f = split_features(fields.reshape(images.shape[0], -1, fields.shape[-1]),
+                                   self.cfg.object_head.num_classes)
+                weights = slots.group(f["objectness"], f["centre"], f["colour"], f["class_probs"],
+                                      k, radius=self.cfg.slot_radius,
                                       colour_scale=self.cfg.slot_colour_scale,
                                       min_objectness=self.cfg.slot_min_objectness)
             else:  # the k patches most likely to see an object, in view-then-raster order
