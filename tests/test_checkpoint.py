@@ -85,6 +85,7 @@ def test_check_same_model_names_the_field():
     stored = ckpt_lib.config_dict(tiny_config())
     ckpt_lib.check_same_model(stored, tiny_config(**{"model.decoder.remat_policy": "full",
                                                      "model.vision.remat": True,
+                                                     "model.slots.radius": 0.5,
                                                      "train.steps": 99}), "here")
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=re.escape("here holds a checkpoint of another model (model.decoder.num_layers: "

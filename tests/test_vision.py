@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import student as student_configs
+from spatial_distill.train import checkpoint as ckpt_lib
 from spatial_distill.train import vision
 from tests.test_trainer import tiny_config
 
@@ -60,3 +61,16 @@ def test_shipped_checkpoint_reloads_and_reproduces_its_held_out_figures():
     metrics = record["reference"]["metrics"]
     assert metrics["objects/objectness_acc"] > 0.9 and metrics["objects/class_acc"] > 0.45
     jax.clear_caches()
+
+
+def test_stage_config_ignores_the_decoders_pooling(tmp_path):
+    # A half-trained vision stage stays resumable when the preset's pooling or slot thresholds
+    # change: the stage never pools.
+    before = vision.stage_config(tiny_config(**{"model.vision_pool": "objects8"}), str(tmp_path))
+    after = vision.stage_config(tiny_config(**{"model.vision_pool": "slots12",
+                                               "model.slots.radius": 0.5}), str(tmp_path))
+    assert before.model.vision_pool == after.model.vision_pool == "patch"
+    ckpt_lib.check_same_model(ckpt_lib.config_dict(before), after, "here")
+    with pytest.raises(ckpt_lib.CheckpointError, match="model.vision.embed_dim"):
+        ckpt_lib.check_same_model(ckpt_lib.config_dict(before), vision.stage_config(
+            tiny_config(**{"model.vision.embed_dim": 48}), str(tmp_path)), "here")

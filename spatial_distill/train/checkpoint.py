@@ -32,8 +32,11 @@ import spatial_distill
 
 # Model fields that change how the model computes but neither its parameters nor the optimizer
 # state (`vision.frozen` does change the latter: frozen parameters carry no Adam moments).
+# Model fields a run may change on resume: compute settings, where weights came from, and the
+# slot grouping's thresholds (hyperparameters of a parameter-free pooling).
 NON_STRUCTURAL = ("vision.dtype", "vision.remat", "decoder.dtype", "decoder.remat_policy",
-                  "vision.checkpoint", "decoder.checkpoint")
+                  "vision.checkpoint", "decoder.checkpoint", "slots.radius", "slots.colour_scale",
+                  "slots.min_objectness")
 
 
 class CheckpointError(ValueError):

@@ -65,6 +65,9 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     m.object_head.enabled = True
     m.object_head.frozen = False
     m.grounding = False
+    # The stage never pools tokens for a decoder; fixed, so that a preset's pooling choice
+    # changing later cannot make a half-trained stage unresumable.
+    m.vision_pool = "patch"
     m.depth_head.enabled = m.det_head.enabled = False
     # The stage runs in W/vision but reads the records and tokenizer of W.
     c.teacher.records_dir = dump.records_dir(config, workdir)
