@@ -57,9 +57,12 @@ def test_shipped_checkpoint_reloads_and_reproduces_its_held_out_figures():
     for key, want in record["reference"]["metrics"].items():
         # Float32 on another CPU may round differently; the figures are means over many patches.
         assert got[key] == pytest.approx(want, rel=1e-3, abs=1e-5), key
-    # It learned to see objects: objectness far above the ~70% background rate, class above chance.
+    # It learned to see objects: objectness far above the ~70% background rate, class far above
+    # the ~41% prior, and view 0's objects placed to well under the ~0.5 m of the constant-depth
+    # baseline (benchmarks/study_vision_stage.py).
     metrics = record["reference"]["metrics"]
-    assert metrics["objects/objectness_acc"] > 0.9 and metrics["objects/class_acc"] > 0.45
+    assert metrics["objects/objectness_acc"] > 0.95 and metrics["objects/class_acc"] > 0.75
+    assert metrics["objects/centre_err_view0_m"] < 0.2
     jax.clear_caches()
 
 

@@ -1,0 +1,143 @@
+"""How well could any decoder answer from what the vision side sees? (issue 10)
+
+For held-out synthetic scenes, each object's attributes are read off the object head
+(`models/object_head.py`) as the objectness-weighted mean of the per-patch fields of the patches
+that see it (the ground-truth ownership of `losses/objects.py` does the binding, so this is an
+upper bound: binding is given), turned back into a solid (class, box, yaw) and every grounded
+question is decided on those solids with the dataset's own rules (`data_pipelines/spatial_qa.py`,
+without its ambiguity bands; "touching" within `--contact_tol`). A decoder reading the same
+fields cannot beat this by much, so below the goal here the vision side is the bottleneck.
+
+    python -m benchmarks.study_vision_ceiling [--checkpoint=W/vision/vggt.safetensors] \
+        [--scenes=48] [--views=all|first]
+
+Prints per-kind accuracy and the per-object errors (centre in metres, log-size L1, class
+accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import student as student_config
+from data_pipelines import spatial_qa, synthetic
+from spatial_distill import geometry
+from spatial_distill.losses import objects as objects_loss
+from spatial_distill.train import vision
+
+KINDS = ("proximity", "contact", "size", "orientation")
+
+
+def decide(name: str, a: spatial_qa.Primitive, b: spatial_qa.Primitive, pose0: np.ndarray,
+           contact_tol: float) -> bool:
+    """`spatial_qa.relation` without its ambiguity bands (a forced yes/no on predicted solids)."""
+    if name in ("near", "touching", "on_top"):
+        gap = spatial_qa.surface_gap(a, b)
+        if name == "near":
+            return gap < spatial_qa.NEAR
+        touching = gap <= contact_tol
+        return touching if name == "touching" else touching and a.center[2] > b.center[2]
+    if name in ("bigger", "smaller"):
+        return (a.volume() > b.volume()) == (name == "bigger")
+    ca, cb = spatial_qa.camera_centre(a, pose0), spatial_qa.camera_centre(b, pose0)
+    if name in ("left", "right"):
+        return (ca[0] < cb[0]) == (name == "left")
+    return (ca[2] < cb[2]) == (name == "in_front")
+
+
+def solid(fields: np.ndarray, num_classes: int, pose0: np.ndarray, heading: float) -> spatial_qa.Primitive:
+    """One object's mean fields (`ObjectHead.features` layout) -> a world-frame solid."""
+    c = num_classes
+    kind = spatial_qa.KINDS[int(np.argmax(fields[1:1 + c]))]
+    centre, log_size, yaw2 = fields[4 + c:7 + c], fields[7 + c:10 + c], fields[10 + c:12 + c]
+    size = np.exp(log_size).astype(np.float64)
+    if kind == "sphere":
+        size[:] = size.mean()
+    elif kind == "cylinder":
+        size[:2] = size[:2].mean()
+    psi = 0.5 * np.arctan2(yaw2[1], yaw2[0])
+    return spatial_qa.Primitive(kind, pose0[:3, :3] @ centre + pose0[:3, 3], size, psi + heading)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=student_config.TINY_VISION_CHECKPOINT)
+    p.add_argument("--scenes", type=int, default=48)
+    p.add_argument("--split_seed", type=int, default=1, help="held-out scenes (the eval split's seed)")
+    p.add_argument("--views", choices=("all", "first"), default="all",
+                   help="read each object from the patches of every view or of view 0 only")
+    p.add_argument("--contact_tol", type=float, default=0.05, help="metres of gap still 'touching'")
+    a = p.parse_args()
+
+    config = student_config.get_config("tiny")
+    size = config.data.image_size
+    model = vision.student_with_vision(config, a.checkpoint)
+    patch = model.cfg.aggregator.patch_size
+    num_classes = model.cfg.object_head.num_classes
+
+    @nnx.jit
+    def read(model, batch):
+        seen = model.see(batch["rgb"].astype(jnp.float32) / 255.0, project=False)
+        fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (size, size), patch)
+        t = objects_loss.object_targets(batch, patch=patch, stride=config.loss.object_stride,
+                                        margin=config.loss.object_margin,
+                                        min_fraction=config.loss.object_min_fraction)
+        return fields, t["patch_owner"], t["attributes"]
+
+    scenes = [synthetic.generate_scene(synthetic.scene_seed(a.split_seed, i), image_size=(size, size))
+              for i in range(a.scenes)]
+    right = {k: [] for k in KINDS}
+    centre_err, size_err, class_ok = [], [], []
+    n = max(len(s.boxes) for s in scenes)
+    for start in range(0, len(scenes), 8):
+        chunk = scenes[start:start + 8]
+        batch = {
+            "rgb": np.stack([s.rgb for s in chunk]), "depth": np.stack([s.depth for s in chunk]),
+            "intrinsics": np.stack([s.intrinsics for s in chunk]),
+            "cam_to_world": np.stack([s.cam_to_world for s in chunk]),
+            "boxes": np.stack([np.pad(s.boxes, ((0, n - len(s.boxes)), (0, 0))) for s in chunk]),
+            "box_mask": np.stack([np.arange(n) < len(s.boxes) for s in chunk]),
+            "labels": np.stack([np.pad(s.labels, (0, n - len(s.labels)), constant_values=-1) for s in chunk])}
+        fields, owner, attrs = map(np.asarray, read(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+        for i, scene in enumerate(chunk):
+            pose0 = scene.cam_to_world[0].astype(np.float64)
+            heading = float(geometry.camera0_heading(jnp.asarray(scene.cam_to_world[None]))[0])
+            solids = []
+            for o in range(len(scene.boxes)):
+                mine = owner[i] == o
+                if a.views == "first":
+                    mine[1:] = False
+                if not mine.any():
+                    solids.append(None)
+                    continue
+                w = fields[i][..., 0][mine]
+                mean = (fields[i][mine] * w[:, None]).sum(0) / max(w.sum(), 1e-6)
+                c = num_classes
+                centre_err.append(np.linalg.norm(mean[4 + c:7 + c] - attrs[i, o, :3]))
+                size_err.append(np.abs(mean[7 + c:10 + c] - attrs[i, o, 3:6]).mean())
+                class_ok.append(int(np.argmax(mean[1:1 + c])) == int(scene.labels[o]))
+                solids.append(solid(mean, num_classes, pose0, heading))
+            for qa in scene.qa:
+                if qa.kind not in right:
+                    continue
+                s, r = qa.subjects
+                if solids[s] is None or solids[r] is None:  # an unseen object: a coin flip
+                    right[qa.kind].append(0.5)
+                    continue
+                name = next(k for k, (_, template, _) in spatial_qa.RELATIONS.items()
+                            if template.format(a=scene.label_names[s], b=scene.label_names[r]) == qa.question)
+                yes = decide(name, solids[s], solids[r], pose0, a.contact_tol)
+                right[qa.kind].append(float(yes == (qa.answer == "yes")))
+    print(f"vision ceiling: {a.checkpoint}, {a.scenes} held-out scenes (split seed {a.split_seed}), "
+          f"objects read from {a.views} views, binding given")
+    print("  accuracy  " + "  ".join(f"{k} {np.mean(right[k]):.3f}" for k in KINDS))
+    print(f"  objects   centre err {np.mean(centre_err):.3f} m, log-size L1 {np.mean(size_err):.3f}, "
+          f"class acc {np.mean(class_ok):.3f} ({len(centre_err)} seen objects)")
+
+
+if __name__ == "__main__":
+    main()
