@@ -95,13 +95,7 @@ def main() -> None:
     n = max(len(s.boxes) for s in scenes)
     for start in range(0, len(scenes), 8):
         chunk = scenes[start:start + 8]
-        batch = {
-            "rgb": np.stack([s.rgb for s in chunk]), "depth": np.stack([s.depth for s in chunk]),
-            "intrinsics": np.stack([s.intrinsics for s in chunk]),
-            "cam_to_world": np.stack([s.cam_to_world for s in chunk]),
-            "boxes": np.stack([np.pad(s.boxes, ((0, n - len(s.boxes)), (0, 0))) for s in chunk]),
-            "box_mask": np.stack([np.arange(n) < len(s.boxes) for s in chunk]),
-            "labels": np.stack([np.pad(s.labels, (0, n - len(s.labels)), constant_values=-1) for s in chunk])}
+        batch = vision.scene_batch(chunk, n)
         fields, owner, attrs = map(np.asarray, read(model, {k: jnp.asarray(v) for k, v in batch.items()}))
         for i, scene in enumerate(chunk):
             pose0 = scene.cam_to_world[0].astype(np.float64)

@@ -100,13 +100,11 @@ def reference_scenes(cfg: ml_collections.ConfigDict) -> list:
                                      num_views=cfg.data.num_views) for i in range(NUM_REFERENCE_SCENES)]
 
 
-def reference_figures(model, scenes) -> dict[str, float]:
-    """Held-out object and camera metrics of `model`'s vision side on `scenes` (canonical
-    samples, depth quantised to millimetres as the records store it): `objects/*`, `camera/*`."""
-    if not scenes:
-        return {}
-    n = max(len(s.boxes) for s in scenes)
-    batch = {
+def scene_batch(scenes, num_boxes: int | None = None) -> dict[str, np.ndarray]:
+    """Canonical samples -> the vision keys of a batch (rgb, depth quantised to millimetres as
+    the records store it, cameras, boxes padded to `num_boxes` or the most in `scenes`)."""
+    n = num_boxes or max(len(s.boxes) for s in scenes)
+    return {
         "rgb": np.stack([s.rgb for s in scenes]),
         "depth": np.stack([np.round(s.depth * 1000.0) / 1000.0 for s in scenes]).astype(np.float32),
         "intrinsics": np.stack([s.intrinsics for s in scenes]),
@@ -115,6 +113,14 @@ def reference_figures(model, scenes) -> dict[str, float]:
         "box_mask": np.stack([np.arange(n) < len(s.boxes) for s in scenes]),
         "labels": np.stack([np.pad(s.labels, (0, n - len(s.labels)), constant_values=-1) for s in scenes]),
     }
+
+
+def reference_figures(model, scenes) -> dict[str, float]:
+    """Held-out object and camera metrics of `model`'s vision side on `scenes` (canonical
+    samples, depth quantised to millimetres as the records store it): `objects/*`, `camera/*`."""
+    if not scenes:
+        return {}
+    batch = scene_batch(scenes)
     q = np.zeros((len(scenes), 1, 1), np.int32)
     batch.update(prompt_ids=q, prompt_mask=q > 0, answer_ids=q, answer_mask=q > 0)
     spec = step_lib.LossSpec(tasks=("camera", "objects"), weighting="static", alpha=0.0,
