@@ -24,12 +24,13 @@ from flax import nnx
 from configs import student as student_configs
 from spatial_distill import generate as generate_lib
 from spatial_distill.models import student as st
+from spatial_distill.models import word_tags
 
 
 def config_for(preset: str) -> tuple[st.StudentConfig, int]:
     base = "paper" if preset == "paper-2L" else preset
     c = student_configs.get_config(base)
-    cfg = st.config_from(c.model, c.data.image_size)
+    cfg = st.config_from(c.model, c.data.image_size, word_tags.StandInIds())
     cfg = dataclasses.replace(cfg, depth_head=None, det_head=None)  # inference answers text only
     if preset == "paper-2L":
         cfg = dataclasses.replace(
@@ -92,7 +93,7 @@ def run(preset: str, views: int, questions: int, prompt_len: int, new_tokens: in
 def print_sizes() -> None:
     """Parameter breakdown of the `paper` preset (abstract) next to the paper's and the teacher's."""
     c = student_configs.get_config("paper")
-    counts = st.parameter_breakdown(st.create(st.config_from(c.model, c.data.image_size), abstract=True))
+    counts = st.parameter_breakdown(st.create(st.config_from(c.model, c.data.image_size, word_tags.StandInIds()), abstract=True))
     total = sum(counts.values())
     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:12s} {n:>15,d}")

@@ -29,6 +29,7 @@ from configs import student as student_configs
 from data_pipelines.synthetic import look_at
 from spatial_distill import sharding
 from spatial_distill.models import student as student_lib
+from spatial_distill.models import word_tags
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
 
@@ -66,7 +67,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 def run(config, steps: int) -> dict:
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.DEFAULT_RULES
-    cfg = student_lib.config_from(config.model, config.data.image_size)
+    cfg = student_lib.config_from(config.model, config.data.image_size, word_tags.StandInIds())
     build = lambda key: student_lib.Student(cfg, rngs=nnx.Rngs(params=key))  # noqa: E731
     abstract_model = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
     graphdef, abstract_state = nnx.split(abstract_model)

@@ -25,6 +25,7 @@ from configs import student as student_configs
 from data_pipelines import synthetic
 from spatial_distill.losses import objects as ol
 from spatial_distill.models import student as st
+from spatial_distill.models import word_tags
 from spatial_distill.train import vision
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     config = student_configs.get_config("tiny")
     size = config.data.image_size
     train, held_out = scenes(0, a.train, size), scenes(1, a.eval, size)
-    random_cfg = st.config_from(config.model, size)
+    random_cfg = st.config_from(config.model, size, word_tags.StandInIds())
     models = {"random VGGT, patch features": st.create(random_cfg, 0),
               "pretrained VGGT, patch features": vision.student_with_vision(config, a.checkpoint)}
     results = {}

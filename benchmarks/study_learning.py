@@ -78,14 +78,14 @@ def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
     absl_flags.FLAGS([sys.argv[0], f"--config=configs/student.py:{args.preset}",
                       f"--config.seed={args.seed}", *overrides])
     config = absl_flags.FLAGS.config
-    cfg = st.config_from(config.model, config.data.image_size)
+    tokenizer = load_tokenizer(tok)
+    cfg = st.config_from(config.model, config.data.image_size, tokenizer)
     graphdef, abstract_state = nnx.split(st.create(cfg, abstract=True))
     place = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {"student": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
                                         abstract_state.to_pure_dict())}
     ckpt_dir = os.path.join(out, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-    tokenizer = load_tokenizer(tok)
     scores = []
     for step in steps:
         params = ckpt_lib.load_params(ckpt_dir, abstract, step)

@@ -130,7 +130,7 @@ def main() -> None:
     tok = tokenizer_lib.load_tokenizer(os.path.join(a.workdir, "tokenizer"))
     yes_id, no_id = tok.encode("yes")[0], tok.encode("no")[0]
     config = student_configs.get_config(a.preset)
-    decoder_cfg = student_lib.config_from(config.model, config.data.image_size).decoder
+    decoder_cfg = student_lib.config_from(config.model, config.data.image_size, tok).decoder
     tokenizer_lib.check_vocab(tok, decoder_cfg.vocab_size, what=f"{a.preset} decoder")
     limits = dict(max_objects=a.max_objects, max_questions=16, max_len=config.input.max_prompt_len,
                   frame=a.frame, colour=a.colour)

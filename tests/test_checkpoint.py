@@ -13,13 +13,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spatial_distill.models import student as student_lib
+from spatial_distill.models import word_tags
 from spatial_distill.train import checkpoint as ckpt_lib
 from spatial_distill.train import metrics as metrics_lib
 from tests.test_trainer import tiny_config
 
 
 def abstract_params(config):
-    cfg = student_lib.config_from(config.model, config.data.image_size)
+    cfg = student_lib.config_from(config.model, config.data.image_size, word_tags.StandInIds())
     model = nnx.eval_shape(lambda: student_lib.Student(cfg, rngs=nnx.Rngs(0)))
     return {"student": nnx.state(model).to_pure_dict()}
 

@@ -18,8 +18,8 @@ def dumped(tmp_path_factory):
     return c, wd, dump_lib.dump(c, wd), prepare.tokenizer(c, wd)
 
 
-def _small_student(c):
-    cfg = st.config_from(c.model, 56)
+def _small_student(c, tokenizer):
+    cfg = st.config_from(c.model, 56, tokenizer)
     cfg = dataclasses.replace(cfg, depth_head=None, det_head=None,
                               decoder=dataclasses.replace(cfg.decoder, num_layers=1, hidden_size=32,
                                                           num_heads=2, num_kv_heads=2,
@@ -34,7 +34,7 @@ def test_first_word():
 
 def test_metrics_of_a_real_untrained_student(dumped, tmp_path):
     c, wd, records, tok = dumped
-    model = _small_student(c)
+    model = _small_student(c, tok)
     m = grounded.evaluate(model, tok, records, batch_size=3, max_questions=c.input.max_questions,
                           max_prompt_len=c.input.max_prompt_len, predictions_path=str(tmp_path / "p.jsonl"))
     n = m["grounded/overall_n"]
@@ -73,5 +73,5 @@ def test_scoring_is_against_the_geometry(dumped, monkeypatch):
 def test_too_many_questions_is_named(dumped):
     c, wd, records, tok = dumped
     with pytest.raises(ValueError, match=r"questions, more than config.input.max_questions = 2"):
-        grounded.evaluate(_small_student(c), tok, records, batch_size=2, max_questions=2,
+        grounded.evaluate(_small_student(c, tok), tok, records, batch_size=2, max_questions=2,
                           max_prompt_len=c.input.max_prompt_len)

@@ -291,6 +291,7 @@ def object_cfg(**overrides) -> st.StudentConfig:
     c = student_configs.get_config("tiny")
     c.model.vision.checkpoint = None
     c.model.vision.pos_embed_size = None
+    c.model.object_words.enabled = False  # test_word_tags.py tests them
     cfg = st.config_from(c.model, 56)
     small_decoder = dataclasses.replace(cfg.decoder, vocab_size=64, hidden_size=32, num_layers=2,
                                         num_heads=4, num_kv_heads=2, intermediate_size=64)

@@ -14,6 +14,7 @@ from flax import nnx
 from data_pipelines.synthetic import look_at
 from spatial_distill.losses import weighting
 from spatial_distill.models import student as student_lib
+from spatial_distill.models import word_tags
 from spatial_distill.train import step as step_lib
 from tests.test_trainer import tiny_config
 
@@ -41,7 +42,7 @@ def test_learning_rate_schedule():
 
 @pytest.fixture(scope="module")
 def abstract_student():
-    cfg = student_lib.config_from(tiny_config(heads=True).model, 56)
+    cfg = student_lib.config_from(tiny_config(heads=True).model, 56, word_tags.StandInIds())
     model = nnx.eval_shape(lambda: student_lib.Student(cfg, rngs=nnx.Rngs(0)))
     return cfg, model
 
@@ -257,7 +258,7 @@ def test_vggt_weights_fill_the_aggregator_and_depth_head(tmp_path):
     from spatial_distill.models.state_dict import CheckpointMismatchError
 
     config = tiny_config(heads=True, **{"model.vision.checkpoint": str(tmp_path / "vggt.safetensors")})
-    cfg = student_lib.config_from(config.model, 56)
+    cfg = student_lib.config_from(config.model, 56, word_tags.StandInIds())
     assert cfg.aggregator.img_size == 518  # an official checkpoint brings its 518-pixel grid
 
     def build(key):
@@ -301,7 +302,7 @@ def test_decoder_weights_from_a_hugging_face_llama(tmp_path):
     from spatial_distill.models import llama
 
     config = tiny_config()
-    cfg = student_lib.config_from(config.model, 56).decoder
+    cfg = student_lib.config_from(config.model, 56, word_tags.StandInIds()).decoder
     hf_config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,

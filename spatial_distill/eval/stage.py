@@ -23,7 +23,7 @@ from spatial_distill.train import step as step_lib
 
 def restore_student(config: ml_collections.ConfigDict, workdir: str) -> st.Student:
     """The latest checkpoint's student weights (shape-checked against the config's model)."""
-    cfg = st.config_from(config.model, config.data.image_size)
+    cfg = st.config_from(config.model, config.data.image_size, prepare.tokenizer(config, workdir))
     graphdef, abstract_state = nnx.split(st.create(cfg, abstract=True))
     place = SingleDeviceSharding(jax.devices()[0])
     abstract = {"student": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),

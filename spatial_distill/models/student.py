@@ -9,7 +9,10 @@ token; then projected to the decoder width by a 2-layer MLP. With the object hea
 and colour of the object it sees and that object's box in camera 0's frame, placed with the
 camera head's predicted cameras or by registering the views on view 0's objects (VGGT's camera
 head is then part of the student too). These explicit, low-dimensional object fields are what
-lets a decoder trained from scratch bind "the red box" to its geometry (docs/learning.md).
+lets a decoder trained from scratch bind "the red box" to its geometry (docs/learning.md). With
+`word_tags` (`word_tags.py`), each question word that names an object (its colour, its class)
+also retrieves the tokens whose predicted class and colour it names, before the decoder runs
+(`ground_words`): the binding that a yes/no signal alone did not teach.
 Every question of the sample then reads the same vision prefix:
 
     before_question (paper):  [V (S*g*g)] [T1..TK] [Q (Lp, right-padded)] [A (La, right-padded)]
@@ -44,6 +47,7 @@ from flax import nnx
 from spatial_distill import generate as generate_lib
 from spatial_distill import geometry
 from spatial_distill.models import slots
+from spatial_distill.models import word_tags as word_tags_lib
 from spatial_distill.models.camera_head import CameraHead, CameraHeadConfig
 from spatial_distill.models.dpt import DPTConfig, DPTHead
 from spatial_distill.models.heads import DetectionHead, DetHeadConfig
@@ -74,6 +78,9 @@ class StudentConfig:
     slot_radius: float = 0.75  # metres between a patch's predicted centre and its slot seed's
     slot_colour_scale: float = 0.15  # RGB distance within which a patch joins a slot
     slot_min_objectness: float = 0.5  # a weaker seed leaves its slot (and the rest) empty
+    # Add to each object token the decoder embeddings of the words that name what the object head
+    # sees there (`word_tags.py`); None: off. Needs the object head.
+    word_tags: word_tags_lib.WordTagConfig | None = None
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"
     freeze_vision: bool = False  # stop gradients at the aggregator output
@@ -92,6 +99,13 @@ class StudentConfig:
         if self.num_latents < 0:
             raise ValueError(f"StudentConfig.num_latents = {self.num_latents} must be >= 0")
         self.pool_grid  # validates vision_pool
+        if self.word_tags is not None:
+            if self.object_head is None:
+                raise ValueError("StudentConfig.word_tags read the object head's classes and colours: "
+                                 "enable the object head (or turn model.object_words off)")
+            if len(self.word_tags.class_ids) != self.object_head.num_classes:
+                raise ValueError(f"StudentConfig.word_tags names {len(self.word_tags.class_ids)} classes, "
+                                 f"the object head predicts {self.object_head.num_classes}")
         if self.object_head is not None and self.camera_head is None:
             raise ValueError("StudentConfig.object_head needs camera_head: the object centres are "
                              "composed with the predicted cameras")
@@ -198,6 +212,10 @@ class Student(nnx.Module):
         token_width = vision_width + (cfg.object_head.num_features if cfg.object_head else 0)
         self.proj_in = _dense(token_width, d, ("embed", "mlp"), fast)
         self.proj_out = _dense(d, d, ("mlp", "embed"), fast)
+        # What a question word that names an object reads from that object (`ground_words`).
+        self.word_values = (nnx.Linear(token_width, d, rngs=fast, use_bias=False, kernel_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.02 / np.sqrt(token_width)), (None, "embed")))
+            if cfg.word_tags is not None and cfg.word_tags.retrieve else None)
         self.decoder = Llama(cfg.decoder, rngs=rngs)
         self.latents = (nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(
             fast.params(), (cfg.num_latents, d))) if cfg.num_latents else None)
@@ -261,6 +279,7 @@ class Student(nnx.Module):
         out["vision_inputs"] = self.pool_tokens(patches, (hh // p, ww // p), fields, order, weights)
         if project:
             out["vision"] = self.project(out["vision_inputs"])
+            out["word_memory"] = self.word_memory(out["vision_inputs"])
         return out
 
     @property
@@ -292,10 +311,51 @@ class Student(nnx.Module):
         pooled = jnp.einsum("gp,bspc->bsgc", pool, x)
         return pooled.reshape(b, -1, pooled.shape[-1])
 
+    def _object_words(self, pooled: jax.Array, fn) -> jax.Array:
+        """`fn` (`word_tags.tags` or `.keys`) of the object fields in pooled tokens `[B, Nv, C']`."""
+        f = split_features(pooled[..., 2 * self.cfg.aggregator.embed_dim:].astype(jnp.float32),
+                           self.cfg.object_head.num_classes)
+        return fn(f["objectness"], f["class_probs"], f["colour"], self.decoder.embedding[...],
+                  self.cfg.word_tags)
+
     def project(self, pooled: jax.Array) -> jax.Array:
-        """Pooled tokens `[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's dtype."""
-        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled.astype(jnp.float32)), approximate=False))
+        """Pooled tokens `[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's dtype
+        (with `word_tags`, plus `gain` x the embeddings of the words naming what each token sees)."""
+        pooled = pooled.astype(jnp.float32)
+        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled), approximate=False))
+        if self.cfg.word_tags is not None and self.cfg.word_tags.gain:
+            x = x + self._object_words(pooled, word_tags_lib.tags)
         return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
+
+    def word_memory(self, pooled: jax.Array):
+        """Keys (`word_tags.keys` `[B, Nv, D]`) and values (`[B, Nv, D]`) that question words
+        retrieve objects by (`ground_words`); None without `word_tags.retrieve`."""
+        if self.word_values is None:
+            return None
+        return (self._object_words(pooled, word_tags_lib.keys),
+                self.word_values(pooled.astype(jnp.float32)))
+
+    def ground_words(self, emb: jax.Array, memory, questions: int) -> jax.Array:
+        """Question embeddings `[B*Q, L, D]` plus, for each word, what it names in the scene.
+
+        Each word's embedding is compared (cosine) with every token's word tags; a softmax over
+        the tokens and one null slot (fixed logit `retrieve_threshold`: words that name nothing
+        retrieve nothing) weighs the tokens' values. "red" finds the red object's patches from the
+        first step, because the tag is built from the same embedding row; what the decoder then
+        learns is what to do with the retrieved geometry (docs/learning.md).
+        """
+        if memory is None:
+            return emb
+        keys, values = memory
+        t = self.cfg.word_tags
+        b = keys.shape[0]
+        e = emb.astype(jnp.float32).reshape(b, questions, *emb.shape[1:])
+        unit = lambda x: x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-12)
+        sim = jnp.einsum("bqld,bnd->bqln", unit(e), keys)  # cosine x objectness
+        null = jnp.full(sim.shape[:-1] + (1,), t.retrieve_threshold, sim.dtype)
+        w = jax.nn.softmax(jnp.concatenate([sim, null], -1) / t.retrieve_temperature, -1)[..., :-1]
+        got = jnp.einsum("bqln,bnd->bqld", w, values)
+        return (e + got).reshape(emb.shape).astype(emb.dtype)
 
     def vision_tokens(self, patches: jax.Array, hw: tuple[int, int],
                       object_fields: jax.Array | None = None,
@@ -314,12 +374,14 @@ class Student(nnx.Module):
             return jnp.concatenate([vision, lat], axis=1)
         return vision
 
-    def _question_part(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
-        """Per question, what follows the shared prefix: `[Q][A]` or `[Q][T][A]`.
-        Returns embeddings `[B*Q, Lr, D]` and validity `[B*Q, Lr]`."""
+    def _question_part(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None, memory=None):
+        """Per question, what follows the shared prefix: `[Q][A]` or `[Q][T][A]` (question words
+        grounded in `memory`, `word_memory`'s output). Returns embeddings `[B*Q, Lr, D]` and
+        validity `[B*Q, Lr]`."""
         b, q, lp = prompt_ids.shape
         k = self.cfg.num_latents
-        parts = [(self.decoder.embed(prompt_ids.reshape(b * q, lp)), prompt_mask.reshape(b * q, lp))]
+        words = self.ground_words(self.decoder.embed(prompt_ids.reshape(b * q, lp)), memory, q)
+        parts = [(words, prompt_mask.reshape(b * q, lp))]
         if k and self.cfg.latent_position == "after_question":
             d = parts[0][0].shape[-1]
             parts.append((jnp.broadcast_to(self.latents[...].astype(parts[0][0].dtype), (b * q, k, d)),
@@ -332,13 +394,14 @@ class Student(nnx.Module):
         valid = jnp.concatenate([p[1].astype(bool) for p in parts], axis=1)
         return emb, valid
 
-    def _sequence(self, vision, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None):
+    def _sequence(self, vision, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None,
+                  memory=None):
         """The whole per-question sequence `[B*Q, P0 + Lr, D]` and its validity (generation,
         diagnostics: the training forward never repeats the shared prefix)."""
         b, q = prompt_ids.shape[:2]
         shared = self._shared_prefix(vision)
         p0, d = shared.shape[1:]
-        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask, memory)
         shared = jnp.broadcast_to(shared[:, None], (b, q, p0, d)).reshape(b * q, p0, d)
         return (jnp.concatenate([shared, rest], axis=1),
                 jnp.concatenate([jnp.ones((b * q, p0), bool), valid], axis=1))
@@ -356,7 +419,7 @@ class Student(nnx.Module):
         j = jnp.arange(answer_len, dtype=jnp.int32)
         return jnp.where(j == 0, first[..., None], answer_start + j - 1)
 
-    def _decode_questions(self, vision, prompt_ids, prompt_mask, answer_ids, answer_mask):
+    def _decode_questions(self, vision, prompt_ids, prompt_mask, answer_ids, answer_mask, memory=None):
         """Hidden states of every question part `[B*Q, Lr, D]`.
 
         The shared prefix runs once per sample into a KV cache, which every question of the sample
@@ -366,7 +429,7 @@ class Student(nnx.Module):
         b, q = prompt_ids.shape[:2]
         shared = self._shared_prefix(vision)
         p0 = shared.shape[1]
-        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        rest, valid = self._question_part(prompt_ids, prompt_mask, answer_ids, answer_mask, memory)
         cache = generate_lib.init_cache(self.cfg.decoder, b, p0 + rest.shape[1])
         positions = jnp.broadcast_to(jnp.arange(p0, dtype=jnp.int32), (b, p0))
         _, cache = self.decoder.hidden(shared, positions=positions, cache=cache, cache_index=0)
@@ -403,7 +466,7 @@ class Student(nnx.Module):
             if self.depth_head is not None or self.det_head is not None:
                 raise ValueError("Student: cached vision_inputs leave the depth and detection heads "
                                  "nothing to read; disable them or pass the images only")
-            seen = {"vision": self.project(vision_inputs)}
+            seen = {"vision": self.project(vision_inputs), "word_memory": self.word_memory(vision_inputs)}
         else:
             seen = self.see(images)
         vision = seen["vision"]
@@ -412,7 +475,8 @@ class Student(nnx.Module):
             if key in seen:
                 out[key] = seen[key]
         if text:
-            hidden = self._decode_questions(vision, prompt_ids, prompt_mask, answer_ids, answer_mask)
+            hidden = self._decode_questions(vision, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                            seen["word_memory"])
             slots = self._answer_source_slots(prompt_mask, la).reshape(b * q, la)
             answer_hidden = jnp.take_along_axis(hidden, slots[..., None], axis=1).reshape(b, q, la, -1)
             out["answer_hidden"] = answer_hidden
@@ -440,8 +504,9 @@ class Student(nnx.Module):
         """
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 255.0
-        vision = self.see(images)["vision"]
-        emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
+        seen = self.see(images)
+        vision = seen["vision"]
+        emb, valid = self._sequence(vision, prompt_ids, prompt_mask, memory=seen["word_memory"])
         length = valid.shape[1]
         # Stable order: pads first, then real tokens in their original order.
         order = jnp.argsort(jnp.where(valid, 1, 0) * length + jnp.arange(length), axis=1)
@@ -471,8 +536,9 @@ class Student(nnx.Module):
             raise ValueError("latent_nearest_tokens: the model has no latent tokens (num_latents=0)")
         b, q, lp = prompt_ids.shape
         images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-        vision = self.see(images)["vision"]
-        emb, valid = self._sequence(vision, prompt_ids, prompt_mask)
+        seen = self.see(images)
+        vision = seen["vision"]
+        emb, valid = self._sequence(vision, prompt_ids, prompt_mask, memory=seen["word_memory"])
         hidden, _ = self.decoder.hidden(emb, positions=generate_lib.positions_from_mask(valid),
                                         segment_ids=valid.astype(jnp.int32))
         nv = vision.shape[1]
@@ -502,8 +568,11 @@ def parameter_breakdown(model: nnx.Module) -> dict[str, int]:
     return counts
 
 
-def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentConfig:
+def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=None) -> StudentConfig:
     """`StudentConfig` from the `config.model` section of `configs/student.py`.
+
+    `tokenizer` (the decoder's) resolves `model.object_words` to token ids; it is required when
+    they are on.
 
     The DINO pos-embed grid is sized for `model.vision.pos_embed_size` pixels: by default
     `image_size` when training from scratch and 518 with a checkpoint (official VGGT's grid;
@@ -540,8 +609,20 @@ def config_from(model: ml_collections.ConfigDict, image_size: int) -> StudentCon
                                register_views=bool(o.register_views))
         camera = CameraHeadConfig(dim_in=2 * v.embed_dim, trunk_depth=o.camera_trunk_depth,
                                   num_heads=v.num_heads)
+    tags = None
+    if model.object_words.enabled and obj is not None:
+        if tokenizer is None:
+            raise ValueError("model.object_words is on: building the student needs the decoder's "
+                             "tokenizer to find the words' ids (pass tokenizer=...)")
+        w = model.object_words
+        tags = word_tags_lib.resolve(
+            tokenizer, w.classes, dict(w.colours), num_classes=obj.num_classes,
+            vocab_size=d.vocab_size, colour_temperature=float(w.colour_temperature),
+            gain=float(w.gain), retrieve=bool(w.retrieve),
+            retrieve_temperature=float(w.retrieve_temperature),
+            retrieve_threshold=float(w.retrieve_threshold))
     return StudentConfig(aggregator=aggregator, patch_embed=patch_embed, decoder=decoder,
-                         depth_head=depth, det_head=det, camera_head=camera, object_head=obj,
+                         word_tags=tags, depth_head=depth, det_head=det, camera_head=camera, object_head=obj,
                          grounding=bool(model.grounding), image_size=image_size,
                          vision_pool=model.vision_pool, slot_radius=float(model.slots.radius),
                          slot_colour_scale=float(model.slots.colour_scale),

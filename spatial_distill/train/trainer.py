@@ -195,7 +195,8 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     # -- Input pipeline ------------------------------------------------------------------------
     data_dir = records_dir(config, workdir)
     meta = tr.read_meta(data_dir)
-    check_records(config, meta, data_dir, load_tokenizer(config, workdir))
+    tokenizer = load_tokenizer(config, workdir)
+    check_records(config, meta, data_dir, tokenizer)
     if verify_records:
         for split in ("train", "eval"):
             verify_shards(data_dir, meta, split, workdir)
@@ -215,7 +216,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     eval_start = eval_data.state()
 
     # -- Model and optimizer -------------------------------------------------------------------
-    model_cfg = student_lib.config_from(config.model, config.data.image_size)
+    model_cfg = student_lib.config_from(config.model, config.data.image_size, tokenizer)
     model_cfg.check_lengths(meta.num_views, config.input.max_prompt_len, config.input.max_answer_len)
 
     def build(key):

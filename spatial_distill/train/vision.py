@@ -65,6 +65,7 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     m.object_head.enabled = True
     m.object_head.frozen = False
     m.grounding = False
+    m.object_words.enabled = False  # no decoder
     # The stage never pools tokens for a decoder; fixed, so that a preset's pooling choice
     # changing later cannot make a half-trained stage unresumable.
     m.vision_pool = "patch"
@@ -129,10 +130,15 @@ def reference_figures(model, scenes) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def student_with_vision(config: ml_collections.ConfigDict, path: str, seed: int = 0):
+def student_with_vision(config: ml_collections.ConfigDict, path: str, seed: int = 0, tokenizer=None):
     """A Student of `config` whose vision side (aggregator, camera and object heads) comes from
-    the weights file `path`; the rest keeps its random initialisation."""
-    model_cfg = student_lib.config_from(config.model, config.data.image_size)
+    the weights file `path`; the rest keeps its random initialisation. Without `tokenizer` the
+    word tags (`model.object_words`, which need its ids) are off: a vision-side model."""
+    model = config.model
+    if tokenizer is None and model.object_words.enabled:
+        model = copy.deepcopy(model)
+        model.object_words.enabled = False
+    model_cfg = student_lib.config_from(model, config.data.image_size, tokenizer)
     model = student_lib.create(model_cfg, seed)
     loaded = step_lib.vggt_weights(lambda key: student_lib.Student(model_cfg, rngs=nnx.Rngs(params=key)),
                                    path, depth_head=False)
