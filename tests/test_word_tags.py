@@ -87,5 +87,4 @@ def test_question_words_retrieve_the_token_they_name():
     np.testing.assert_allclose(out[0, 1], emb[0, 1], atol=1e-4)
     np.testing.assert_allclose(out[0, 2], emb[0, 2] + (values[0, 1] + values[0, 3]) / 2, atol=1e-3)
     # Without retrieval the embeddings pass through.
-    assert model.ground_words(jnp.asarray(emb), None, 1) is not None
     np.testing.assert_array_equal(np.asarray(model.ground_words(jnp.asarray(emb), None, 1)), emb)

@@ -78,8 +78,8 @@ class StudentConfig:
     slot_radius: float = 0.75  # metres between a patch's predicted centre and its slot seed's
     slot_colour_scale: float = 0.15  # RGB distance within which a patch joins a slot
     slot_min_objectness: float = 0.5  # a weaker seed leaves its slot (and the rest) empty
-    # Add to each object token the decoder embeddings of the words that name what the object head
-    # sees there (`word_tags.py`); None: off. Needs the object head.
+    # Question words retrieve the object tokens whose predicted class and colour they name
+    # (`word_tags.py`, `ground_words`); None: off. Needs the object head.
     word_tags: word_tags_lib.WordTagConfig | None = None
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"

@@ -32,7 +32,7 @@ class WordTagConfig:
     colour_ids: tuple[tuple[int, ...], ...] = ()  # per named colour, its token ids
     colour_prototypes: tuple[tuple[float, float, float], ...] = ()  # per named colour, RGB in [0, 1]
     colour_temperature: float = 0.005  # of the softmax over squared RGB distances
-    gain: float = 1.0  # tags are `gain` x the embeddings (scale against the projected tokens)
+    gain: float = 0.0  # tags x `gain` added to the object tokens themselves (0: off)
     retrieve: bool = True  # question words retrieve the tokens whose tags match them
     retrieve_temperature: float = 0.05  # of the softmax over cosine similarities
     retrieve_threshold: float = 0.35  # the null slot's similarity: below it a word retrieves little
@@ -43,8 +43,9 @@ class WordTagConfig:
         if len(self.colour_ids) != len(self.colour_prototypes):
             raise ValueError(f"WordTagConfig: {len(self.colour_ids)} colour names but "
                              f"{len(self.colour_prototypes)} prototypes")
-        if self.colour_temperature <= 0:
-            raise ValueError(f"WordTagConfig.colour_temperature = {self.colour_temperature} must be > 0")
+        for name in ("colour_temperature", "retrieve_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"WordTagConfig.{name} = {getattr(self, name)} must be > 0")
 
 
 class StandInIds:
