@@ -140,6 +140,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # The answer position regresses the referred objects' boxes, class and colour in camera 0's
     # frame (losses/grounding.py): without it the decoder stays at the text prior. False: ablation.
     c.loss.grounding = True
+    # With grounding, the answer position also regresses the signed margin of the relation a
+    # question asks (losses/grounding.relation_loss): word -> sign and axis it compares along.
+    # Without it the student answers "bigger" as "smaller" (docs/learning.md). {}: off.
+    c.loss.relations = {"bigger": "+size", "smaller": "-size", "left": "+x", "right": "-x",
+                        "front": "+z", "behind": "-z"}
     c.loss.objects = True  # object head + camera head losses (only while the vision side trains)
     c.loss.object_stride = 2  # ownership of every 2nd pixel (a divisor of the 14-px patch)
     c.loss.object_margin = 0.02  # metres: a back-projected pixel within this of a box belongs to it

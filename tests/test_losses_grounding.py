@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spatial_distill.losses.grounding import grounding_loss
+from spatial_distill.losses.grounding import grounding_loss, relation_loss, resolve_relations
 
 
 def numpy_grounding(pred, referred, qmask, attrs, colours, seen, labels):
@@ -69,3 +69,56 @@ def test_shape_errors_are_named():
         grounding_loss(jnp.zeros((1, 2, 2, 10)), jnp.zeros((1, 2, 2), jnp.int32), jnp.ones((1, 2), bool),
                        jnp.zeros((1, 3, 8)), jnp.zeros((1, 3, 3)), jnp.ones((1, 3), bool),
                        jnp.zeros((1, 3), jnp.int32))
+
+
+class Words:
+    """One token per word (id = position in the list + 10)."""
+
+    words = ["bigger", "smaller", "left", "right", "front", "behind"]
+
+    def encode(self, text):
+        return [self.words.index(text) + 10] if text in self.words else [1, 2]
+
+
+RELATIONS = {"bigger": "+size", "smaller": "-size", "left": "+x", "behind": "-z"}
+
+
+def test_relation_margins_are_signed_by_the_word_and_match_numpy():
+    rel = resolve_relations(Words(), RELATIONS, vocab_size=64)
+    assert rel == ((10, "size", 1.0), (11, "size", -1.0), (12, "x", 1.0), (15, "z", -1.0))
+    r = np.random.default_rng(0)
+    attributes = r.normal(size=(1, 3, 8)).astype(np.float32)  # [B, N, A]: centre, log size, yaw
+    prompt = np.zeros((1, 5, 4), np.int32)
+    prompt[0, 0, 2] = 10  # bigger
+    prompt[0, 1, 1] = 11  # smaller
+    prompt[0, 2, 3] = 12  # left
+    prompt[0, 3, 0] = 15  # behind
+    prompt[0, 4, 0] = 13  # "right": not configured, no target
+    referred = np.array([[[0, 1], [0, 1], [2, 0], [1, 2], [0, 1]]], np.int32)
+    pred = r.normal(size=(1, 5)).astype(np.float32)
+    a = attributes[0]
+    vol = a[:, 3:6].sum(-1)
+    want_margin = np.array([vol[0] - vol[1], vol[1] - vol[0], a[0, 0] - a[2, 0], -(a[2, 2] - a[1, 2])])
+    qmask = np.ones((1, 5), bool)
+    loss, m = relation_loss(jnp.asarray(pred), prompt, referred, qmask, attributes, rel, clip=1.0)
+    want = np.mean((pred[0, :4] - np.clip(want_margin, -1, 1)) ** 2)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert float(m["ground/relations"]) == 4
+    np.testing.assert_allclose(float(m["ground/relation_sign_acc"]),
+                               np.mean((pred[0, :4] > 0) == (want_margin > 0)), rtol=1e-6)
+    # A question without a reference, or padded, has no target.
+    referred[0, 0, 1] = -1
+    qmask[0, 1] = False
+    _, m = relation_loss(jnp.asarray(pred), prompt, referred, qmask, attributes, rel)
+    assert float(m["ground/relations"]) == 2
+
+
+def test_relation_words_are_checked():
+    with pytest.raises(ValueError, match=r"relations\['bigger'\] = 'size': use '\+' or '-'"):
+        resolve_relations(Words(), {"bigger": "size"}, vocab_size=64)
+    with pytest.raises(ValueError, match=r"relations\['left'\] = '\+y'"):
+        resolve_relations(Words(), {"left": "+y"}, vocab_size=64)
+    with pytest.raises(ValueError, match="'two words' encodes to \\[1, 2\\]; a relation word must be one token"):
+        resolve_relations(Words(), {"two words": "+x"}, vocab_size=64)
+    with pytest.raises(ValueError, match=r"'behind' encodes to \[15\].*\[0, 12\)"):
+        resolve_relations(Words(), {"behind": "-z"}, vocab_size=12)

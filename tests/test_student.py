@@ -312,6 +312,9 @@ def test_object_tokens_carry_the_object_fields_and_grounding_reads_the_answer_po
     # The grounding head reads the hidden state that predicts the first answer token.
     want = model.grounding_head(out["answer_hidden"][:, :, 0]).reshape(B, Q, 2, -1)
     np.testing.assert_allclose(np.asarray(out["grounding"]), np.asarray(want), atol=1e-5)
+    rel = model.relation_head(out["answer_hidden"][:, :, 0])[..., 0]
+    assert out["relation"].shape == (B, Q)
+    np.testing.assert_allclose(np.asarray(out["relation"]), np.asarray(rel), atol=1e-5)
     # The fields the decoder reads: the centre channels are the composed object centres.
     seen = model.see(jnp.asarray(images))
     fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)

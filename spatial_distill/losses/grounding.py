@@ -10,6 +10,8 @@ centre, log size, cos/sin 2ψ), class and colour.
 
     loss = mean over referred objects of  L1(attributes) + CE(class) + L1(colour)
 
+`relation_loss` adds the signed margin of the relation the question asks (size, left/right, in
+front/behind), which the yes/no signal alone does not teach the student to read.
 Colour targets are the objects' mean observed colours (`objects.observed_colours`), counted only
 for objects some pixel sees. Metrics: `ground/centre_err_m` (Euclidean, metres),
 `ground/class_acc`, `ground/colour_l1`, `ground/referred` (objects per batch).
@@ -65,3 +67,69 @@ def grounding_loss(pred: jax.Array, referred: jax.Array, question_mask: jax.Arra
         "ground/referred": mask.sum().astype(jnp.float32),
     }
     return attr_l1 + class_ce + colour_l1, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+# Relation readout: the axis a relation word compares along, in `geometry.ATTRIBUTES` terms.
+RELATION_AXES = ("size", "x", "z")
+
+
+def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[int, str, float], ...]:
+    """`{word: "+size" | "-x" | ...}` -> `((token_id, axis, sign), ...)`: a question containing the
+    word's (single) token asks whether the subject exceeds the reference along `axis`, times
+    `sign` (module doc of `relation_loss`)."""
+    out = []
+    for word, spec in relations.items():
+        ids = tokenizer.encode(word)
+        sign, axis = spec[:1], spec[1:]
+        if sign not in "+-" or len(spec) < 2 or axis not in RELATION_AXES:
+            raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
+                             f"{RELATION_AXES} (e.g. '+size')")
+        if len(ids) != 1 or not 0 <= ids[0] < vocab_size:
+            raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}; a relation word "
+                             f"must be one token of the decoder's vocabulary [0, {vocab_size})")
+        out.append((int(ids[0]), axis, 1.0 if sign == "+" else -1.0))
+    return tuple(out)
+
+
+def relation_margins(prompt_ids: jax.Array, referred: jax.Array, attributes: jax.Array,
+                     relations) -> tuple[jax.Array, jax.Array]:
+    """The signed margin that decides each question, and where one exists.
+
+    prompt_ids `[B, Q, Lp]`, referred `[B, Q, 2]`, attributes `[B, N, A]` (camera 0's frame).
+    A question whose prompt holds a relation word compares subject `s` and reference `r`:
+    `size`: log box volume s - r (sum of log sizes); `x`: x_r - x_s (s left of r: > 0);
+    `z`: z_r - z_s (s in front of r: > 0); times the word's sign. Returns margins `[B, Q]`
+    and validity `[B, Q]` (a relation word and two referred objects).
+    """
+    b, q, _ = referred.shape
+    idx = jnp.maximum(referred, 0).reshape(b, q * 2, 1)
+    pair = jnp.take_along_axis(attributes.astype(jnp.float32), idx, axis=1).reshape(b, q, 2, -1)
+    s, r = pair[:, :, 0], pair[:, :, 1]
+    along = {"size": s[..., 3:6].sum(-1) - r[..., 3:6].sum(-1), "x": r[..., 0] - s[..., 0],
+             "z": r[..., 2] - s[..., 2]}
+    margin = jnp.zeros((b, q), jnp.float32)
+    found = jnp.zeros((b, q), bool)
+    for token, axis, sign in relations:
+        here = jnp.any(prompt_ids == token, axis=-1) & ~found
+        margin = jnp.where(here, sign * along[axis], margin)
+        found = found | here
+    return margin, found & (referred[..., 1] >= 0)
+
+
+def relation_loss(pred: jax.Array, prompt_ids: jax.Array, referred: jax.Array,
+                  question_mask: jax.Array, attributes: jax.Array, relations, clip: float = 1.0):
+    """The answer position regresses the relation's signed margin (`relation_margins`, clipped to
+    ±`clip`): a dense target that cannot be met without reading *which* relation is asked.
+
+    From yes/no alone the student answers "Is the A bigger than the B?" as "... smaller ...": the
+    answer is the relation word times the geometry, and a binary signal gives little gradient to
+    the product (docs/learning.md). pred `[B, Q]`. Returns (MSE, metrics).
+    """
+    margin, valid = relation_margins(prompt_ids, referred, attributes, relations)
+    valid = valid & question_mask.astype(bool)
+    n = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    pred = pred.astype(jnp.float32)
+    mse = jnp.where(valid, jnp.square(pred - jnp.clip(margin, -clip, clip)), 0.0).sum() / n
+    agree = jnp.where(valid, (pred > 0) == (margin > 0), False).sum() / n
+    return mse, {"ground/relation_sign_acc": jax.lax.stop_gradient(agree),
+                 "ground/relations": valid.sum().astype(jnp.float32)}

@@ -224,6 +224,8 @@ class Student(nnx.Module):
         # Subject and reference: attributes, class logits and colour of each.
         self.grounding_head = (_dense(d, 2 * grounding_width(cfg), ("embed", None), fast)
                                if cfg.grounding else None)
+        # The signed margin of the relation the question asks (`losses/grounding.relation_loss`).
+        self.relation_head = _dense(d, 1, ("embed", None), fast) if cfg.grounding else None
 
     # -- vision --------------------------------------------------------------------------------
     def _layers_needed(self) -> list[int]:
@@ -452,7 +454,7 @@ class Student(nnx.Module):
             vision side's output, cached by the trainer): the images are not looked at again, so
             the heads that read the aggregator (depth, detection) must be off.
         Returns dict: `answer_hidden [B, Q, La, D]` (text), `vision_tokens [B, Nv, D]`, and when
-        the heads exist `grounding [B, Q, 2, F]` (text), `pose_enc_list` (list of `[B, S, 9]`),
+        the heads exist `grounding [B, Q, 2, F]` and `relation [B, Q]` (text), `pose_enc_list` (list of `[B, S, 9]`),
         `object_raw [B, S, h*w, F]`, `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`,
         `det_logits [B, Nq, C+1]`, `det_boxes [B, Nq, 7]`.
         """
@@ -483,6 +485,7 @@ class Student(nnx.Module):
             if self.grounding_head is not None:
                 g = self.grounding_head(answer_hidden[:, :, 0].astype(jnp.float32))
                 out["grounding"] = g.reshape(b, q, 2, -1)
+                out["relation"] = self.relation_head(answer_hidden[:, :, 0].astype(jnp.float32))[..., 0]
         if self.depth_head is not None:
             depth, conf = self.depth_head(seen["layers"], (hh, ww), self.cfg.aggregator.patch_start_idx)
             out["depth"], out["depth_conf"] = depth[..., 0], conf

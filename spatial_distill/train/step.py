@@ -40,7 +40,7 @@ from spatial_distill.losses import weighting
 from spatial_distill.losses.depth import depth_loss
 from spatial_distill.losses.detection import detection_loss
 from spatial_distill.losses.distill import kd_loss
-from spatial_distill.losses.grounding import grounding_loss
+from spatial_distill.losses.grounding import grounding_loss, relation_loss, resolve_relations
 from spatial_distill.losses.objects import camera_loss, object_loss, object_targets
 from spatial_distill.models import llama as llama_lib
 from spatial_distill.models.llama import LlamaConfig
@@ -77,6 +77,9 @@ class LossSpec:
     object_stride: int = 2
     object_margin: float = 0.02
     object_min_fraction: float = 0.02
+    # (token id, axis, sign) per relation word (`grounding.resolve_relations`); () : no relation
+    # readout.
+    relations: tuple[tuple[int, str, float], ...] = ()
 
     @property
     def needs_object_targets(self) -> bool:
@@ -87,8 +90,11 @@ class LossSpec:
         return "text" in self.tasks or "ground" in self.tasks
 
 
-def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
+def loss_spec(config: ml_collections.ConfigDict, tokenizer=None) -> LossSpec:
     """The tasks the config enables and how they are weighted.
+
+    `tokenizer` (the decoder's) finds the ids of `loss.relations`' words; without it the
+    relation readout is off (shape and unit work).
 
     Tasks: `text` (KD + CE, `loss.text`), `ground` (`loss.grounding`, needs the grounding head),
     `objects` and `camera` (`loss.objects`, need the object head, and only while it trains: with
@@ -127,7 +133,10 @@ def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
     stride = int(lc.object_stride)
     if stride < 1 or 14 % stride:
         raise ValueError(f"config.loss.object_stride = {stride}: must divide the VGGT patch size 14")
-    return LossSpec(tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
+    relations = ()
+    if "ground" in tasks and tokenizer is not None and lc.relations:
+        relations = resolve_relations(tokenizer, dict(lc.relations), m.decoder.vocab_size)
+    return LossSpec(relations=relations, tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
                     temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
                     chunk_size=int(lc.chunk_size), kendall_range=(lo, hi),
                     static_weights=tuple(sorted(weights.items())),
@@ -167,6 +176,11 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
         losses["ground"], m = grounding_loss(
             out["grounding"], batch["referred"], batch["question_mask"], targets["attributes"],
             targets["colours"], targets["seen"], batch["labels"])
+        if spec.relations:
+            rel, m2 = relation_loss(out["relation"], batch["prompt_ids"], batch["referred"],
+                                    batch["question_mask"], targets["attributes"], spec.relations)
+            losses["ground"] = losses["ground"] + rel
+            m = {**m, **m2, "ground/relation_mse": rel}
         metrics.update(m, **{"aux/ground": losses["ground"]})
     if "objects" in spec.tasks:
         hw = images.shape[2:4]

@@ -203,7 +203,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     size = (config.data.image_size, config.data.image_size)
     limits = dict(max_questions=config.input.max_questions, max_prompt_len=config.input.max_prompt_len,
                   max_answer_len=config.input.max_answer_len, max_boxes=config.input.max_boxes)
-    spec = step_lib.loss_spec(config)
+    spec = step_lib.loss_spec(config, tokenizer)
     limits["require_referred"] = "ground" in spec.tasks
     cache_vision = caches_vision(config)
     train_data = InputPipeline(data_dir, "train", batch_size=config.train.batch_size,
