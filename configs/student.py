@@ -143,8 +143,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # With grounding, the answer position also regresses the signed margin of the relation a
     # question asks (losses/grounding.relation_loss): word -> sign and axis it compares along.
     # Without it the student answers "bigger" as "smaller" (docs/learning.md). {}: off.
+    # "near": the gap below the dataset's 0.15 m (data_pipelines/spatial_qa.NEAR).
     c.loss.relations = {"bigger": "+size", "smaller": "-size", "left": "+x", "right": "-x",
-                        "front": "+z", "behind": "-z"}
+                        "front": "+z", "behind": "-z", "near": "gap<0.15"}
     c.loss.objects = True  # object head + camera head losses (only while the vision side trains)
     c.loss.object_stride = 2  # ownership of every 2nd pixel (a divisor of the 14-px patch)
     c.loss.object_margin = 0.02  # metres: a back-projected pixel within this of a box belongs to it

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spatial_distill.losses.grounding import grounding_loss, relation_loss, resolve_relations
+from spatial_distill.losses.grounding import (
+    grounding_loss,
+    relation_loss,
+    relation_margins,
+    resolve_relations,
+)
 
 
 def numpy_grounding(pred, referred, qmask, attrs, colours, seen, labels):
@@ -74,10 +79,22 @@ def test_shape_errors_are_named():
 class Words:
     """One token per word (id = position in the list + 10)."""
 
-    words = ["bigger", "smaller", "left", "right", "front", "behind"]
+    words = ["bigger", "smaller", "left", "right", "front", "behind", "near"]
 
     def encode(self, text):
         return [self.words.index(text) + 10] if text in self.words else [1, 2]
+
+
+def test_a_relation_word_of_several_tokens_matches_only_in_sequence():
+    rel = resolve_relations(Words(), {"two tokens": "+x"}, vocab_size=64)
+    assert rel == (((1, 2), "x", 1.0, 0.0),)
+    attributes = np.zeros((1, 2, 8), np.float32)
+    attributes[0, 1, 0] = 0.5
+    prompt = np.array([[[5, 1, 2, 0], [2, 1, 5, 0], [1, 5, 2, 0]]], np.int32)
+    referred = np.array([[[0, 1]] * 3], np.int32)
+    margin, valid = relation_margins(prompt, referred, attributes, rel)
+    assert valid.tolist() == [[True, False, False]]
+    np.testing.assert_allclose(np.asarray(margin)[0, 0], 0.5)
 
 
 RELATIONS = {"bigger": "+size", "smaller": "-size", "left": "+x", "behind": "-z"}
@@ -85,7 +102,8 @@ RELATIONS = {"bigger": "+size", "smaller": "-size", "left": "+x", "behind": "-z"
 
 def test_relation_margins_are_signed_by_the_word_and_match_numpy():
     rel = resolve_relations(Words(), RELATIONS, vocab_size=64)
-    assert rel == ((10, "size", 1.0), (11, "size", -1.0), (12, "x", 1.0), (15, "z", -1.0))
+    assert rel == (((10,), "size", 1.0, 0.0), ((11,), "size", -1.0, 0.0), ((12,), "x", 1.0, 0.0),
+                   ((15,), "z", -1.0, 0.0))
     r = np.random.default_rng(0)
     attributes = r.normal(size=(1, 3, 8)).astype(np.float32)  # [B, N, A]: centre, log size, yaw
     prompt = np.zeros((1, 5, 4), np.int32)
@@ -113,12 +131,28 @@ def test_relation_margins_are_signed_by_the_word_and_match_numpy():
     assert float(m["ground/relations"]) == 2
 
 
+def test_gap_margin_is_the_threshold_less_a_rough_surface_gap():
+    rel = resolve_relations(Words(), {"near": "gap<0.15"}, vocab_size=64)
+    assert rel == (((16,), "gap", -1.0, 0.15),)
+    attributes = np.zeros((1, 2, 8), np.float32)
+    attributes[0, 1, 0] = 1.0  # centres 1 m apart along x
+    attributes[0, 0, 3:6] = np.log([0.2, 0.4, 0.6])  # mean half extent 0.2
+    attributes[0, 1, 3:6] = np.log(0.2)  # 0.1
+    prompt = np.full((1, 1, 3), 16, np.int32)
+    referred = np.array([[[0, 1]]], np.int32)
+    margin, valid = relation_margins(prompt, referred, attributes, rel)
+    np.testing.assert_allclose(np.asarray(margin), [[0.15 - (1.0 - 0.2 - 0.1)]], rtol=1e-5)
+    assert bool(valid.all())
+    with pytest.raises(ValueError, match=r"relations\['near'\] = 'gap<x'"):
+        resolve_relations(Words(), {"near": "gap<x"}, vocab_size=64)
+    with pytest.raises(ValueError, match=r"relations\['near'\] = '\+gap'"):
+        resolve_relations(Words(), {"near": "+gap"}, vocab_size=64)
+
+
 def test_relation_words_are_checked():
     with pytest.raises(ValueError, match=r"relations\['bigger'\] = 'size': use '\+' or '-'"):
         resolve_relations(Words(), {"bigger": "size"}, vocab_size=64)
     with pytest.raises(ValueError, match=r"relations\['left'\] = '\+y'"):
         resolve_relations(Words(), {"left": "+y"}, vocab_size=64)
-    with pytest.raises(ValueError, match="'two words' encodes to \\[1, 2\\]; a relation word must be one token"):
-        resolve_relations(Words(), {"two words": "+x"}, vocab_size=64)
-    with pytest.raises(ValueError, match=r"'behind' encodes to \[15\].*\[0, 12\)"):
+    with pytest.raises(ValueError, match=r"'behind' encodes to \[15\], not tokens .*\[0, 12\)"):
         resolve_relations(Words(), {"behind": "-z"}, vocab_size=12)

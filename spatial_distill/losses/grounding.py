@@ -70,25 +70,43 @@ def grounding_loss(pred: jax.Array, referred: jax.Array, question_mask: jax.Arra
 
 
 # Relation readout: the axis a relation word compares along, in `geometry.ATTRIBUTES` terms.
-RELATION_AXES = ("size", "x", "z")
+RELATION_AXES = ("size", "x", "z", "gap")
 
 
-def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[int, str, float], ...]:
-    """`{word: "+size" | "-x" | ...}` -> `((token_id, axis, sign), ...)`: a question containing the
-    word's (single) token asks whether the subject exceeds the reference along `axis`, times
-    `sign` (module doc of `relation_loss`)."""
+def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[tuple[int, ...], str, float, float], ...]:
+    """`{word: "+size" | "-x" | "gap<0.15" ...}` -> `((token_ids, axis, sign, offset), ...)`: a
+    question containing the word's tokens asks whether `sign * difference + offset > 0`,
+    the difference of subject and reference along `axis` (`relation_margins`); `gap<t` asks
+    whether the two objects' gap is below `t` metres."""
     out = []
     for word, spec in relations.items():
         ids = tokenizer.encode(word)
-        sign, axis = spec[:1], spec[1:]
-        if sign not in "+-" or len(spec) < 2 or axis not in RELATION_AXES:
+        if spec.startswith("gap<"):
+            try:
+                sign, axis, offset = "-", "gap", float(spec[4:])
+            except ValueError:
+                sign, axis, offset = "?", "", 0.0
+        else:
+            sign, axis, offset = spec[:1], spec[1:], 0.0
+        if sign not in "+-" or len(spec) < 2 or axis not in RELATION_AXES or axis == "gap" and spec[:1] != "g":
             raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
-                             f"{RELATION_AXES} (e.g. '+size')")
-        if len(ids) != 1 or not 0 <= ids[0] < vocab_size:
-            raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}; a relation word "
-                             f"must be one token of the decoder's vocabulary [0, {vocab_size})")
-        out.append((int(ids[0]), axis, 1.0 if sign == "+" else -1.0))
+                             f"{RELATION_AXES[:3]} (e.g. '+size'), or 'gap<metres'")
+        if not ids or not all(0 <= i < vocab_size for i in ids):
+            raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}, not tokens of "
+                             f"the decoder's vocabulary [0, {vocab_size})")
+        out.append((tuple(int(i) for i in ids), axis, 1.0 if sign == "+" else -1.0, offset))
     return tuple(out)
+
+
+def _contains(ids: jax.Array, tokens: tuple[int, ...]) -> jax.Array:
+    """`[..., L]` ids -> `[...]` whether `tokens` occur there consecutively."""
+    n, length = len(tokens), ids.shape[-1]
+    if n > length:
+        return jnp.zeros(ids.shape[:-1], bool)
+    at = jnp.ones(ids.shape[:-1] + (length - n + 1,), bool)
+    for i, t in enumerate(tokens):
+        at = at & (ids[..., i:length - n + 1 + i] == t)
+    return jnp.any(at, axis=-1)
 
 
 def relation_margins(prompt_ids: jax.Array, referred: jax.Array, attributes: jax.Array,
@@ -98,20 +116,24 @@ def relation_margins(prompt_ids: jax.Array, referred: jax.Array, attributes: jax
     prompt_ids `[B, Q, Lp]`, referred `[B, Q, 2]`, attributes `[B, N, A]` (camera 0's frame).
     A question whose prompt holds a relation word compares subject `s` and reference `r`:
     `size`: log box volume s - r (sum of log sizes); `x`: x_r - x_s (s left of r: > 0);
-    `z`: z_r - z_s (s in front of r: > 0); times the word's sign. Returns margins `[B, Q]`
+    `z`: z_r - z_s (s in front of r: > 0); `gap`: the distance of the centres less each box's
+    mean half extent (a rough surface gap, blind to yaw); times the word's sign, plus its offset.
+    Returns margins `[B, Q]`
     and validity `[B, Q]` (a relation word and two referred objects).
     """
     b, q, _ = referred.shape
     idx = jnp.maximum(referred, 0).reshape(b, q * 2, 1)
     pair = jnp.take_along_axis(attributes.astype(jnp.float32), idx, axis=1).reshape(b, q, 2, -1)
     s, r = pair[:, :, 0], pair[:, :, 1]
+    half = lambda o: 0.5 * jnp.exp(o[..., 3:6]).mean(-1)
     along = {"size": s[..., 3:6].sum(-1) - r[..., 3:6].sum(-1), "x": r[..., 0] - s[..., 0],
-             "z": r[..., 2] - s[..., 2]}
+             "z": r[..., 2] - s[..., 2],
+             "gap": jnp.linalg.norm(s[..., :3] - r[..., :3] + 1e-12, axis=-1) - half(s) - half(r)}
     margin = jnp.zeros((b, q), jnp.float32)
     found = jnp.zeros((b, q), bool)
-    for token, axis, sign in relations:
-        here = jnp.any(prompt_ids == token, axis=-1) & ~found
-        margin = jnp.where(here, sign * along[axis], margin)
+    for tokens, axis, sign, offset in relations:
+        here = _contains(prompt_ids, tokens) & ~found
+        margin = jnp.where(here, sign * along[axis] + offset, margin)
         found = found | here
     return margin, found & (referred[..., 1] >= 0)
 

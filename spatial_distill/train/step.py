@@ -77,9 +77,9 @@ class LossSpec:
     object_stride: int = 2
     object_margin: float = 0.02
     object_min_fraction: float = 0.02
-    # (token id, axis, sign) per relation word (`grounding.resolve_relations`); () : no relation
+    # (token ids, axis, sign, offset) per relation word (`grounding.resolve_relations`); () : no relation
     # readout.
-    relations: tuple[tuple[int, str, float], ...] = ()
+    relations: tuple[tuple[tuple[int, ...], str, float, float], ...] = ()
 
     @property
     def needs_object_targets(self) -> bool:
