@@ -35,8 +35,9 @@ def test_rope_tables_match_upstream():
     # vectorised kernels differ between AVX2 and AVX-512 machines, and from torch's) reduce an
     # argument of up to 37 rad with an error of the order of the argument's own float32 spacing
     # (3.8e-6 at 37), which the angle already carries from its rounding. So each entry may differ
-    # from upstream's by one float32 spacing of its angle, plus one of the result.
-    tol = np.spacing(np.abs(ang)) + np.spacing(np.float32(1))
+    # from upstream's by a couple of float32 spacings of its angle (1.6 measured on an AVX-512
+    # box, 2026-12-03), plus one of the result.
+    tol = 2 * np.spacing(np.abs(ang)) + np.spacing(np.float32(1))
     for fn, key in ((jnp.cos, "rope_cos_table_dim32_len38"), (jnp.sin, "rope_sin_table_dim32_len38")):
         err = np.abs(np.asarray(fn(jnp.asarray(ang)), np.float64) - f[key])
         assert (err <= tol).all(), f"{key}: error {err.max():.3g} above the float32 bound {tol.max():.3g}"
