@@ -5,8 +5,8 @@
       [--seed=0] [-- --config.loss.grounding=False ...]
   # the text-only prior of a workdir's data
   python -m benchmarks.study_learning prior --base=W
-  # the plot of every run under W/study (docs/learning_curves.png)
-  python -m benchmarks.study_learning plot --base=W --out=docs/learning_curves.png
+  # the plot of every run under W/study (or --only=a,b), of one or several bases (seeds)
+  python -m benchmarks.study_learning plot --base=W0,W1 --out=docs/learning_curves.png
 
 A run trains in `W/study/<name>` on the records of `W` (data and dump run there first, as the
 main job's), then loads every saved checkpoint and answers the held-out questions as the eval
@@ -50,7 +50,12 @@ def run(args, overrides) -> None:
              f"--config.teacher.records_dir={records}", f"--config.tokenizer.path={tok}", *overrides]
     t1 = time.time()
     subprocess.run(train, cwd=ROOT, check=True)
-    t_train = time.time() - t1
+    # A rerun (e.g. after a failed scoring) resumes at the last step: keep the first run's wall.
+    wall_file = os.path.join(out, "train_wall_s.json")
+    if not os.path.exists(wall_file):
+        with open(wall_file, "w") as f:
+            json.dump(time.time() - t1, f)
+    t_train = json.load(open(wall_file))
     scores = evaluate_checkpoints(args, out, overrides, records, tok)
     result = {"name": args.name, "seed": args.seed, "steps": args.steps, "overrides": overrides,
               "wall_s": {"data_and_dump": t_data, "train": t_train}, "curve": scores}
@@ -74,9 +79,10 @@ def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
     from spatial_distill.train import checkpoint as ckpt_lib
     from spatial_distill.train import step as step_lib
 
-    config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}")
-    absl_flags.FLAGS([sys.argv[0], f"--config=configs/student.py:{args.preset}",
-                      f"--config.seed={args.seed}", *overrides])
+    argv = [sys.argv[0], f"--config=configs/student.py:{args.preset}", f"--config.seed={args.seed}", *overrides]
+    # config_flags finds `--config.x` overrides in the argv it is given at definition.
+    config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}", sys_argv=argv)
+    absl_flags.FLAGS(argv)
     config = absl_flags.FLAGS.config
     tokenizer = load_tokenizer(tok)
     cfg = st.config_from(config.model, config.data.image_size, tokenizer)
@@ -90,13 +96,32 @@ def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
     for step in steps:
         params = ckpt_lib.load_params(ckpt_dir, abstract, step)
         model = step_lib.student_from(graphdef, abstract_state, params["student"])
+        predictions = os.path.join(out, f"predictions_{step}.jsonl")
         m = grounded.evaluate(model, tokenizer, records, split="eval", batch_size=config.train.batch_size,
                               max_questions=config.input.max_questions,
                               max_prompt_len=config.input.max_prompt_len,
-                              max_new_tokens=config.input.max_answer_len)
-        scores.append({"step": step, **{k: v for k, v in m.items() if k.startswith("grounded")}})
+                              max_new_tokens=config.input.max_answer_len, predictions_path=predictions)
+        scores.append({"step": step, **{k: v for k, v in m.items() if k.startswith("grounded")},
+                       **per_relation(predictions)})
         print(f"  step {step}: " + ", ".join(f"{k} {m[f'grounded/{k}_acc']:.3f}" for k in KINDS), flush=True)
     return scores
+
+
+def per_relation(predictions_path: str) -> dict[str, float]:
+    """Generated-answer accuracy per question template (`relation/<name>_acc`, the relations of
+    `spatial_qa.RELATIONS`), from the eval stage's predictions file."""
+    from data_pipelines import spatial_qa
+
+    patterns = {name: re.compile("^" + re.escape(t).replace(r"\{a\}", ".+").replace(r"\{b\}", ".+") + "$")
+                for name, (_, t, _) in spatial_qa.RELATIONS.items()}
+    right, total = collections.Counter(), collections.Counter()
+    for line in open(predictions_path):
+        p = json.loads(line)
+        name = next((n for n, pat in patterns.items() if pat.match(p["question"])), None)
+        if name:
+            right[name] += p["answer"] == p["gt"]
+            total[name] += 1
+    return {f"relation/{n}_acc": right[n] / total[n] for n in patterns if total[n]}
 
 
 def text_prior(base: str) -> dict[str, float]:
@@ -132,24 +157,32 @@ def text_prior(base: str) -> dict[str, float]:
     return {k: right[k] / total[k] for k in KINDS if total[k]}
 
 
-def plot(base: str, out: str) -> None:
+def plot(bases: list[str], out: str, only: list[str] | None = None) -> None:
+    """One panel per kind: every run under each base's `study/` (or the `only` names), solid
+    generated and dotted teacher-forced accuracy, each base's text-only prior dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prior = text_prior(base)
-    runs = [json.load(open(os.path.join(base, "study", f))) for f in sorted(os.listdir(os.path.join(base, "study")))
-            if f.endswith(".json")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), sharey=True)
+    priors = {}
+    for base in bases:
+        priors[base] = prior = text_prior(base)
+        study = os.path.join(base, "study")
+        runs = [json.load(open(os.path.join(study, f))) for f in sorted(os.listdir(study))
+                if f.endswith(".json") and (only is None or f[:-5] in only)]
+        for ax, kind in zip(axes, KINDS):
+            for r in runs:
+                steps = [c["step"] for c in r["curve"]]
+                line, = ax.plot(steps, [c[f"grounded/{kind}_acc"] for c in r["curve"]], marker="o", ms=3,
+                                label=f"{r['name']} (seed {r['seed']})")
+                ax.plot(steps, [c.get(f"grounded_forced/{kind}_acc", float("nan")) for c in r["curve"]],
+                        ls=":", color=line.get_color())
+            seed = runs[0]["seed"] if runs else "?"
+            ax.axhline(prior[kind], color="k", ls="--", lw=1, alpha=0.6,
+                       label=f"text-only prior (seed {seed} data)")
     for ax, kind in zip(axes, KINDS):
-        for r in runs:
-            steps = [c["step"] for c in r["curve"]]
-            line, = ax.plot(steps, [c[f"grounded/{kind}_acc"] for c in r["curve"]], marker="o", ms=3,
-                            label=r["name"])
-            ax.plot(steps, [c.get(f"grounded_forced/{kind}_acc", float("nan")) for c in r["curve"]],
-                    ls=":", color=line.get_color())
-        ax.axhline(prior[kind], color="k", ls="--", lw=1, label="text-only prior")
         ax.axhline(0.85 if kind in ("proximity", "contact") else 0.80, color="r", lw=0.8, label="goal")
         ax.set_title(kind)
         ax.set_xlabel("train step")
@@ -159,7 +192,8 @@ def plot(base: str, out: str) -> None:
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    print(f"wrote {out}; text-only prior {json.dumps({k: round(v, 3) for k, v in prior.items()})}")
+    print(f"wrote {out}; text-only prior " + "; ".join(
+        f"{b}: {json.dumps({k: round(v, 3) for k, v in p.items()})}" for b, p in priors.items()))
 
 
 def main() -> None:
@@ -168,7 +202,9 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("run", "prior", "plot"))
-    p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer)")
+    p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer); "
+                   "plot: several, comma-separated")
+    p.add_argument("--only", default=None, help="plot: comma-separated run names (default: all)")
     p.add_argument("--name", default="run")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -182,7 +218,7 @@ def main() -> None:
     elif args.command == "prior":
         print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
     else:
-        plot(args.base, args.out)
+        plot(args.base.split(","), args.out, args.only.split(",") if args.only else None)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train.batch_size = p["batch"]  # global batch (samples, each with all its questions)
     c.train.learning_rate = 2e-3 if preset == "tiny" else 1e-4  # AdamW peak
     c.train.warmup_steps = 30 if preset == "tiny" else 1000
+    # After warmup: cosine to 0, or wsd (constant, then linear to 0 over the last decay_fraction).
+    # Tiny: wsd, since the relations are learned one after another and the last (left/right on
+    # seed 1) arrives after step 1,500, where a cosine has already fallen below 15% (docs/learning.md).
+    c.train.schedule = "wsd" if preset == "tiny" else "cosine"
+    c.train.decay_fraction = 0.2
     c.train.weight_decay = 0.01
     c.train.grad_clip = 1.0  # global-norm clipping
     c.train.accum_steps = 1  # gradient accumulation (micro-batches per update)
@@ -146,6 +151,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # "near": the gap below the dataset's 0.15 m (data_pipelines/spatial_qa.NEAR).
     c.loss.relations = {"bigger": "+size", "smaller": "-size", "left": "+x", "right": "-x",
                         "front": "+z", "behind": "-z", "near": "gap<0.15"}
+    # x the relation MSE, added to the `ground` task's loss. Tiny: 4 (seed 1 learns the relations
+    # by step 2,000 with it; 10 slows the binding they depend on: docs/learning.md).
+    c.loss.relation_weight = 4.0 if preset == "tiny" else 1.0
     c.loss.objects = True  # object head + camera head losses (only while the vision side trains)
     c.loss.object_stride = 2  # ownership of every 2nd pixel (a divisor of the 14-px patch)
     c.loss.object_margin = 0.02  # metres: a back-projected pixel within this of a box belongs to it
@@ -161,6 +169,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.vision.batch_size = vs["batch"]
     c.vision.learning_rate = vs["lr"]
     c.vision.warmup_steps = vs["warmup"]
+    c.vision.schedule = "cosine"  # as the shipped tiny checkpoint was trained
     c.vision.eval_every = 500
 
     c.mesh = ml_collections.ConfigDict()

@@ -38,6 +38,14 @@ def test_learning_rate_schedule():
                                atol=1e-9)
     short = step_lib.learning_rate_schedule(tiny_config(**{"train.steps": 2, "train.warmup_steps": 4}))
     np.testing.assert_allclose(float(short(1)), 1e-3 / 4, rtol=1e-6)  # only warms up
+    wsd = step_lib.learning_rate_schedule(tiny_config(**{
+        "train.steps": 20, "train.warmup_steps": 4, "train.learning_rate": 1e-3,
+        "train.schedule": "wsd", "train.decay_fraction": 0.25}))  # stable to step 15, then linear
+    np.testing.assert_allclose([float(wsd(i)) for i in (2, 4, 10, 15, 17, 20)],
+                               [5e-4, 1e-3, 1e-3, 1e-3, 6e-4, 0.0], atol=1e-9)
+    for field, value in [("train.schedule", "linear"), ("train.decay_fraction", 0.0)]:
+        with pytest.raises(ValueError, match=f"config.{field} = "):
+            step_lib.learning_rate_schedule(tiny_config(**{field: value}))
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +127,19 @@ def test_weighting_methods():
 
 def test_loss_spec_reads_the_weighting_settings_and_names_bad_values():
     c = tiny_config(heads=True, **{"loss.weighting": "static", "loss.kendall_range": (-2.0, 3.0),
-                                   "loss.dwa_temperature": 0.5})
+                                   "loss.dwa_temperature": 0.5, "loss.relation_weight": 3.0})
     c.loss.static_weights.det = 0.8
     spec = step_lib.loss_spec(c)
     assert spec.kendall_range == (-2.0, 3.0) and spec.dwa_temperature == 0.5
+    assert spec.relation_weight == 3.0
     losses = {t: jnp.float32(v) for t, v in {"text": 2.0, "depth": 4.0, "det": 1.0}.items()
               if t in spec.tasks}
     total, _, _ = step_lib.combine(losses, None, None, spec)
     want = 2.0 + (0.15 * 4.0 if "depth" in spec.tasks else 0.0) + 0.8 * 1.0
     np.testing.assert_allclose(float(total), want, rtol=1e-6)
     for field, value, match in [("loss.kendall_range", (1.0, 1.0), "kendall_range"),
-                                ("loss.dwa_temperature", 0.0, "dwa_temperature")]:
+                                ("loss.dwa_temperature", 0.0, "dwa_temperature"),
+                                ("loss.relation_weight", -1.0, "relation_weight = -1.0")]:
         with pytest.raises(ValueError, match=match):
             step_lib.loss_spec(tiny_config(**{field: value}))
     bad = tiny_config()

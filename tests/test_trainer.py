@@ -67,8 +67,9 @@ def tiny_config(records: str | None = None, tokenizer: str | None = None, *, hea
     c.loss.chunk_size = 128
     t = c.train
     t.steps, t.batch_size, t.warmup_steps, t.log_every, t.checkpoint_every = STEPS, 2, 2, 1, 2
-    # The tests' numbers assume these (the tiny preset itself trains at 2e-3 with static weights).
-    t.learning_rate, c.loss.weighting = 1e-3, "kendall"
+    # The tests' numbers assume these (the tiny preset itself trains at 2e-3 with static weights,
+    # a warmup-stable-decay schedule and relation weight 4).
+    t.learning_rate, c.loss.weighting, t.schedule, c.loss.relation_weight = 1e-3, "kendall", "cosine", 1.0
     t.keep_checkpoints, t.nan_patience = 2, 2
     for key, value in overrides.items():
         section, field = key.rsplit(".", 1)

@@ -80,6 +80,7 @@ class LossSpec:
     # (token ids, axis, sign, offset) per relation word (`grounding.resolve_relations`); () : no relation
     # readout.
     relations: tuple[tuple[tuple[int, ...], str, float, float], ...] = ()
+    relation_weight: float = 1.0  # x the relation MSE inside the `ground` task
 
     @property
     def needs_object_targets(self) -> bool:
@@ -134,9 +135,11 @@ def loss_spec(config: ml_collections.ConfigDict, tokenizer=None) -> LossSpec:
     if stride < 1 or 14 % stride:
         raise ValueError(f"config.loss.object_stride = {stride}: must divide the VGGT patch size 14")
     relations = ()
+    if not lc.relation_weight >= 0:
+        raise ValueError(f"config.loss.relation_weight = {lc.relation_weight}: must be >= 0")
     if "ground" in tasks and tokenizer is not None and lc.relations:
         relations = resolve_relations(tokenizer, dict(lc.relations), m.decoder.vocab_size)
-    return LossSpec(relations=relations, tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
+    return LossSpec(relations=relations, relation_weight=float(lc.relation_weight), tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
                     temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
                     chunk_size=int(lc.chunk_size), kendall_range=(lo, hi),
                     static_weights=tuple(sorted(weights.items())),
@@ -179,7 +182,7 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
         if spec.relations:
             rel, m2 = relation_loss(out["relation"], batch["prompt_ids"], batch["referred"],
                                     batch["question_mask"], targets["attributes"], spec.relations)
-            losses["ground"] = losses["ground"] + rel
+            losses["ground"] = losses["ground"] + spec.relation_weight * rel
             m = {**m, **m2, "ground/relation_mse": rel}
         metrics.update(m, **{"aux/ground": losses["ground"]})
     if "objects" in spec.tasks:
@@ -241,12 +244,26 @@ class TrainState(struct.PyTreeNode):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+SCHEDULES = ("cosine", "wsd")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to `train.learning_rate` over `warmup_steps`, then cosine to 0 at
-    `train.steps` (a run shorter than its warmup only warms up)."""
+    """Linear warmup from 0 to `train.learning_rate` over `warmup_steps`, then to 0 at
+    `train.steps`: `cosine`, or `wsd` (warmup-stable-decay: constant, then linear to 0 over the
+    last `decay_fraction` of the steps). A run shorter than its warmup only warms up."""
     t = config.train
+    if t.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.schedule = {t.schedule!r}: must be one of {SCHEDULES}")
+    if not 0 < t.decay_fraction <= 1:
+        raise ValueError(f"config.train.decay_fraction = {t.decay_fraction}: must be in (0, 1]")
     warmup = max(int(t.warmup_steps), 0)
-    decay = optax.cosine_decay_schedule(t.learning_rate, max(int(t.steps) - warmup, 1))
+    rest = max(int(t.steps) - warmup, 1)
+    if t.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(t.learning_rate, rest)
+    else:
+        tail = min(max(round(t.decay_fraction * int(t.steps)), 1), rest)
+        decay = optax.join_schedules([optax.constant_schedule(t.learning_rate),
+                                      optax.linear_schedule(t.learning_rate, 0.0, tail)], [rest - tail])
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])

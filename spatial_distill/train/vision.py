@@ -53,7 +53,7 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     """The train-stage config that pretrains the vision side (module doc)."""
     c = copy.deepcopy(config)
     c.mode = "train"
-    for field in ("steps", "batch_size", "learning_rate", "warmup_steps", "eval_every"):
+    for field in ("steps", "batch_size", "learning_rate", "warmup_steps", "schedule", "eval_every"):
         c.train[field] = config.vision[field]
     c.loss.text = c.loss.grounding = False
     c.loss.objects = True
