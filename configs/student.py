@@ -25,7 +25,7 @@ TINY_VISION_CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / "spat
 
 PRESETS = {
     "tiny": dict(
-        # 2,000 steps: the word-grounded decoder binds by ~600 (docs/learning.md); ~9 min on 2 cores.
+        # 2,000 steps: the relations are learned by ~1,000-1,800 (docs/learning.md); ~10-11 min on 2 cores.
         image_size=112, train=1000, eval=200, batch=8, steps=2000, vocab=384,
         vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4,
                     checkpoint=TINY_VISION_CHECKPOINT, frozen=True),
