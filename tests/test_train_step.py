@@ -345,3 +345,23 @@ def test_decoder_weights_from_a_hugging_face_llama(tmp_path):
         step_lib.decoder_weights(dataclasses.replace(cfg, hidden_size=64, head_dim=16), str(tmp_path / "llama"))
     with pytest.raises(FileNotFoundError, match="needs a local Hugging Face model directory"):
         step_lib.decoder_weights(cfg, str(tmp_path / "missing"))
+
+
+def test_relation_readout_enters_the_ground_task_times_its_weight():
+    config = tiny_config()
+    cfg = student_lib.config_from(config.model, 56, word_tags.StandInIds())
+    graphdef, state = nnx.split(student_lib.Student(cfg, rngs=nnx.Rngs(0)))
+    batch = make_batch(0, cfg.decoder.vocab_size)
+    word = int(batch["prompt_ids"][0, 0, 1])  # a token of question 0, whose two objects are referred
+    base = step_lib.loss_spec(config)
+
+    def ground(spec):
+        def fn(s, b):
+            losses, m = step_lib.task_losses(nnx.merge(graphdef, s), b, spec)
+            return losses["ground"], m.get("ground/relation_mse", jnp.float32(0)), m.get("ground/relations", 0.0)
+        return [float(x) for x in compile_fast(fn, state, batch)(state, batch)]
+
+    plain, _, _ = ground(base)
+    weighted, mse, n = ground(dataclasses.replace(base, relations=(((word,), "x", 1.0, 0.0),), relation_weight=3.0))
+    assert n >= 1 and mse > 0
+    np.testing.assert_allclose(weighted, plain + 3.0 * mse, rtol=1e-5)

@@ -139,7 +139,8 @@ def loss_spec(config: ml_collections.ConfigDict, tokenizer=None) -> LossSpec:
         raise ValueError(f"config.loss.relation_weight = {lc.relation_weight}: must be >= 0")
     if "ground" in tasks and tokenizer is not None and lc.relations:
         relations = resolve_relations(tokenizer, dict(lc.relations), m.decoder.vocab_size)
-    return LossSpec(relations=relations, relation_weight=float(lc.relation_weight), tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
+    return LossSpec(tasks=tuple(sorted(tasks)), weighting=lc.weighting, alpha=float(lc.alpha),
+                    relations=relations, relation_weight=float(lc.relation_weight),
                     temperature=float(lc.temperature), tail=lc.tail, chunked=bool(lc.chunked),
                     chunk_size=int(lc.chunk_size), kendall_range=(lo, hi),
                     static_weights=tuple(sorted(weights.items())),
