@@ -81,14 +81,16 @@ def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tupl
     out = []
     for word, spec in relations.items():
         ids = tokenizer.encode(word)
-        if spec.startswith("gap<"):
+        if spec.startswith("gap<"):  # near: the gap below `offset`, i.e. -gap + offset > 0
+            sign, axis = "-", "gap"
             try:
-                sign, axis, offset = "-", "gap", float(spec[4:])
+                offset, ok = float(spec[4:]), True
             except ValueError:
-                sign, axis, offset = "?", "", 0.0
+                offset, ok = 0.0, False
         else:
             sign, axis, offset = spec[:1], spec[1:], 0.0
-        if sign not in "+-" or len(spec) < 2 or axis not in RELATION_AXES or axis == "gap" and spec[:1] != "g":
+            ok = sign in ("+", "-") and axis in RELATION_AXES[:3]
+        if not ok:
             raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
                              f"{RELATION_AXES[:3]} (e.g. '+size'), or 'gap<metres'")
         if not ids or not all(0 <= i < vocab_size for i in ids):
