@@ -74,3 +74,15 @@ def test_load_tensors_safetensors_torch_and_errors(tmp_path):
     torch.save({"obj": object()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights_only"):
         load_tensors(tmp_path / "evil.pt")
+
+
+def test_bfloat16_safetensors_load_as_ml_dtypes_bfloat16(tmp_path):
+    """numpy lacks bfloat16, so safetensors.numpy refuses such files; they still load, exactly."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    w = torch.tensor([[1.5, -2.0], [3.140625, 0.0078125]], dtype=torch.bfloat16)
+    save_torch({"w": w, "b": torch.ones(2)}, str(tmp_path / "bf16.safetensors"))
+    got, _ = load_tensors(tmp_path / "bf16.safetensors")
+    assert got["w"].dtype == jnp.bfloat16 and got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["w"].astype(np.float32), w.float().numpy())

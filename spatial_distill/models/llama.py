@@ -457,7 +457,9 @@ def _to_hf(x: np.ndarray, n_in: int) -> np.ndarray:
     return x if n_in == 0 else x.reshape(math.prod(x.shape[:n_in]), -1).T
 
 
-def _read_checkpoint(src) -> tuple[dict[str, np.ndarray], str]:
+def read_hf_weights(src) -> tuple[dict[str, np.ndarray], str]:
+    """Tensors of a HF checkpoint: a directory's *.safetensors (else pytorch_model*.bin, read
+    with weights_only=True), a single file, or a state dict."""
     if isinstance(src, Mapping) or not os.path.isdir(os.fspath(src)):
         return load_tensors(src)
     path = os.fspath(src)
@@ -492,10 +494,23 @@ def from_hf(state_dict_or_dir, hf_config=None, dtype=jnp.float32, *, param_dtype
     config = LlamaConfig.from_hf(hf_config, dtype=dtype,
                                  param_dtype=dtype if param_dtype is None else param_dtype,
                                  **config_overrides)
-    tensors, source = _read_checkpoint(state_dict_or_dir)
+    tensors, source = read_hf_weights(state_dict_or_dir)
     sd = StateDict(tensors, source)
     # Built abstractly: shapes only, so a 7B load never materialises a random init first.
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    load_weights(model, sd)
+    ignore = [k for k in tensors if k.endswith("rotary_emb.inv_freq")]
+    if config.tie_word_embeddings:
+        ignore.append("lm_head.weight")  # torch state dicts repeat the shared tensor
+    sd.finish(ignore_unused=ignore, what=f"Llama {_describe(config)}")
+    return model
+
+
+def load_weights(model: Llama, sd: StateDict) -> None:
+    """Fills `model` (abstract or not) from the HF keys of `sd` (which records every key read,
+    missing or mis-shaped; the caller's `sd.finish()` reports them). Callers holding a larger
+    checkpoint (LLaVA's towers) load the decoder's share this way and report once."""
+    config = model.config
     np_dtype = np.dtype(config.param_dtype)
 
     def fill(variable: nnx.Variable, value: np.ndarray | None):
@@ -505,10 +520,7 @@ def from_hf(state_dict_or_dir, hf_config=None, dtype=jnp.float32, *, param_dtype
     fill(model.embedding, sd.get("model.embed_tokens.weight",
                                  (config.vocab_size, config.hidden_size)))
     fill(model.final_norm, sd.get("model.norm.weight", (config.hidden_size,)))
-    ignore = [k for k in tensors if k.endswith("rotary_emb.inv_freq")]
-    if config.tie_word_embeddings:
-        ignore.append("lm_head.weight")  # torch state dicts repeat the shared tensor
-    else:
+    if not config.tie_word_embeddings:
         w = sd.get("lm_head.weight", (config.vocab_size, config.hidden_size))
         fill(model.lm_head, None if w is None else w.T)
     L = config.num_layers
@@ -529,8 +541,6 @@ def from_hf(state_dict_or_dir, hf_config=None, dtype=jnp.float32, *, param_dtype
                 var = getattr(model.layers[i], name)
                 fill(var, _get_layer(sd, f"model.layers.{i}.{suffix}", n_in,
                                      var.get_value().shape))
-    sd.finish(ignore_unused=ignore, what=f"Llama {_describe(config)}")
-    return model
 
 
 def _get_layer(sd: StateDict, key: str, n_in: int, shape) -> np.ndarray | None:
@@ -566,5 +576,6 @@ def to_hf_state_dict(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 
 
 __all__ = ["Block", "CheckpointMismatchError", "KVCache", "Llama", "Llama3RopeScaling",
-           "LlamaConfig", "REMAT_POLICIES", "apply_rope", "from_hf", "hf_key_shapes", "rms_norm",
+           "LlamaConfig", "REMAT_POLICIES", "apply_rope", "from_hf", "hf_key_shapes", "load_weights",
+           "read_hf_weights", "rms_norm",
            "rope_inv_freq", "rope_tables", "to_hf_state_dict"]

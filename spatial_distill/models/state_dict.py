@@ -53,6 +53,10 @@ def load_tensors(path_or_state_dict, *, source: str | None = None) -> tuple[dict
 
         try:
             return dict(load_file(path)), path
+        except TypeError as e:
+            if "bfloat16" not in str(e):
+                raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from e
+            return _load_bfloat16_safetensors(path), path
         except Exception as e:  # noqa: BLE001 - corrupt headers raise library-specific errors
             raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from e
     try:
@@ -66,6 +70,16 @@ def load_tensors(path_or_state_dict, *, source: str | None = None) -> tuple[dict
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return {k: _to_numpy(v) for k, v in obj.items()}, path
+
+
+def _load_bfloat16_safetensors(path: str) -> dict[str, np.ndarray]:
+    """numpy has no bfloat16, so `safetensors.numpy` refuses such files (LLaVA checkpoints are
+    often bf16): read them through its JAX reader on the host CPU, as ml_dtypes bfloat16."""
+    import jax
+    from safetensors import safe_open
+
+    with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - not a dict
 
 
 def _to_numpy(v) -> np.ndarray:
