@@ -79,7 +79,24 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.tokenizer.vocab_size = p["vocab"]  # size of the built-in BPE (must equal the decoder's)
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.kind = "oracle"  # the synthetic-data oracle (answers from GT, calibrated)
+    # oracle: the synthetic-data oracle (answers from GT, calibrated); llava3d: the Flax
+    # LLaVA-3D port on a local checkpoint (teacher.path); hf: a local Hugging Face causal LM or
+    # LLaVA model run by transformers in torch (GPU users).
+    c.teacher.kind = "oracle"
+    c.teacher.path = config_dict.placeholder(str)  # llava3d / hf: the checkpoint directory
+    # llava3d: the CLIP ViT-L/14-336 directory (upstream loads it separately); None: the tower's
+    # keys inside teacher.path.
+    c.teacher.clip_path = config_dict.placeholder(str)
+    c.teacher.dtype = "float32"  # llava3d / hf compute dtype (bfloat16 on accelerators)
+    c.teacher.batch_size = 8  # questions per teacher call (padded to it: one compiled shape)
+    c.teacher.max_new_tokens = 32  # greedy answer budget, EOS included
+    # llava3d 3D inputs: sensor (the scene's depth, intrinsics, poses) | vggt (predicted from RGB
+    # by VGGT weights at teacher.vggt_path: for scenes without depth sensors).
+    c.teacher.geometry = "sensor"
+    c.teacher.vggt_path = config_dict.placeholder(str)
+    # llava3d: (data, fsdp, tensor) over this process's devices; each process dumps its own
+    # shards. Tensor parallel by default: the 7B's 32 heads split over a host's chips.
+    c.teacher.mesh = (1, 1, -1)
     c.teacher.k = 32  # top-K log-probs stored per answer token
     # Temperature of the stored teacher distribution; the KD loss uses the same (records store
     # log-probs at it). The paper uses 3; the tiny preset's 384-entry vocabulary would turn a

@@ -111,8 +111,8 @@ class LLaVA3DConfig:
             raise TypeError(f"LLaVA3DConfig.from_json: expected a dict or path, got {type(config).__name__}")
         d = dict(config.get("llava_config", config))
         video = dict(config.get("video_tower", {}))
-        if clip_config is None and "clip_vision_config" in config:
-            clip_config = config["clip_vision_config"]
+        if clip_config is None:  # the fixture's layout, or `config_json`'s
+            clip_config = config.get("clip_vision_config", d.get("clip_vision_config"))
 
         def need(field):
             if field not in d:
@@ -600,6 +600,64 @@ def load_official(path_or_state_dict, config=None, dtype=jnp.float32, *, clip=No
     return clip_lib.materialize(model)
 
 
+def config_json(config: LLaVA3DConfig) -> dict:
+    """The checkpoint config.json (`llava_llama`) describing `config`, with the CLIP tower's HF
+    config under `clip_vision_config` so `from_json` rebuilds it without a separate checkpoint."""
+    ll, cl = config.llama, config.clip
+    return {
+        "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+        "vocab_size": ll.vocab_size, "hidden_size": ll.hidden_size,
+        "intermediate_size": ll.intermediate_size, "num_hidden_layers": ll.num_layers,
+        "num_attention_heads": ll.num_heads, "num_key_value_heads": ll.num_kv_heads,
+        "max_position_embeddings": ll.max_position_embeddings, "rms_norm_eps": ll.rms_norm_eps,
+        "rope_theta": ll.rope_theta, "rope_scaling": None, "hidden_act": "silu",
+        "tie_word_embeddings": ll.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "mm_vision_tower": "clip_vision_config", "mm_video_tower": "SpatialAwareModule",
+        "mm_hidden_size": cl.hidden_size, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": config.select_layer,
+        "mm_vision_select_feature": config.select_feature, "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "image_aspect_ratio": config.image_aspect_ratio,
+        "tokenizer_model_max_length": config.max_length, "tokenizer_padding_side": "right",
+        "num_frames": config.num_frames,
+        "clip_vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": cl.hidden_size,
+            "intermediate_size": cl.intermediate_size, "num_hidden_layers": cl.num_layers,
+            "num_attention_heads": cl.num_heads, "image_size": cl.image_size,
+            "patch_size": cl.patch_size, "num_channels": cl.num_channels,
+            "layer_norm_eps": cl.layer_norm_eps, "hidden_act": cl.hidden_act},
+    }
+
+
+def save_official(model: LLaVA3D, path: str, *, max_shard_bytes: int = 2 << 30) -> None:
+    """Writes `model` as an official-layout checkpoint directory: config.json, safetensors shards
+    of at most `max_shard_bytes` and `model.safetensors.index.json` (CLIP tower included).
+    Random-weight teachers for tests and benchmarks are made this way."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = model.export_torch()
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        value = np.ascontiguousarray(tensors[key])  # safetensors writes a view's memory as is
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+                   "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_json(model.config), f, indent=1)
+
+
 def read_checkpoint(src) -> tuple[dict[str, np.ndarray], str]:
     """Tensors of a checkpoint. A directory with `model.safetensors.index.json` is read shard by
     shard as the index lists them (a missing shard or a key in the wrong shard is an error)."""
@@ -631,5 +689,6 @@ def read_checkpoint(src) -> tuple[dict[str, np.ndarray], str]:
 
 __all__ = ["IMAGE_TOKEN_INDEX", "LLaVA3D", "LLaVA3DConfig", "LOC_TOKEN_INDEX", "PositionMLP",
            "Projector", "SceneTokens", "Spliced", "VOXEL_CAP_RULE", "abstract_model", "backproject",
-           "cap_indices", "count_params", "select_voxels", "load_official", "official_shapes", "patch_points",
-           "read_checkpoint", "voxel_mean", "voxelize"]
+           "cap_indices", "config_json", "count_params", "load_official", "official_shapes",
+           "patch_points", "read_checkpoint", "save_official", "select_voxels", "voxel_mean",
+           "voxelize"]

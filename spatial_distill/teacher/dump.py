@@ -3,7 +3,9 @@
 For each split, samples are cut into `config.teacher.num_shards` contiguous shards. A shard is
 written to a temporary file and renamed when complete, so after an interruption (even `kill -9`)
 a rerun skips the finished shards and redoes only the others: every sample ends up in exactly
-one record. `teacher_meta.json` pins what produced the records (teacher, tokenizer hash, K,
+one record. With several processes (`jax.distributed`), process p writes the shards i with
+i % process_count == p, so the shard set is complete and disjoint; process 0 writes the final
+`teacher_meta.json` once every process is done. `teacher_meta.json` pins what produced the records (teacher, tokenizer hash, K,
 temperature, frame size); a rerun with a different setting stops with the field and both values
 instead of mixing records.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -22,7 +25,7 @@ from data_pipelines import teacher_records as tr
 from spatial_distill import prepare
 from spatial_distill.teacher.base import Teacher, topk_at_temperature
 from spatial_distill.teacher.oracle import OracleTeacher
-from spatial_distill.tokenizer import Tokenizer
+from spatial_distill.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 SPLITS = ("train", "eval")
 PROMPT_TEMPLATE = "<s>{question}"  # BOS, then the question's tokens; the answer follows directly
@@ -39,11 +42,54 @@ def prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
     return tokenizer.encode(question, add_bos=True)
 
 
+TEACHER_KINDS = ("oracle", "llava3d", "hf")
+
+
+def check_teacher_config(config: ml_collections.ConfigDict) -> None:
+    kind = config.teacher.kind
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"config.teacher.kind = {kind!r}: choose one of {TEACHER_KINDS}")
+    if kind != "oracle" and not config.teacher.path:
+        raise ValueError(f"config.teacher.kind={kind!r} needs config.teacher.path: a local "
+                         "checkpoint directory (config.json + weights)")
+
+
 def make_teacher(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Teacher:
-    if config.teacher.kind == "oracle":
+    check_teacher_config(config)
+    kind = config.teacher.kind
+    if kind == "oracle":
         return OracleTeacher(tokenizer, floor=config.teacher.oracle_floor,
                              ceiling=config.teacher.oracle_ceiling)
-    raise ValueError(f"config.teacher.kind = {config.teacher.kind!r}: only 'oracle' exists")
+    if kind == "llava3d":
+        from spatial_distill.teacher import llava3d_teacher
+
+        return llava3d_teacher.load(config, tokenizer)
+    if kind == "hf":
+        from spatial_distill.teacher import hf_teacher
+
+        return hf_teacher.load(config, tokenizer)
+    raise ValueError(f"config.teacher.kind = {kind!r}: choose one of {TEACHER_KINDS}")
+
+
+def check_teacher_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                            tokenizer: Tokenizer) -> int:
+    """Before any dump: the tokenizer in the teacher's checkpoint must split text into the same
+    ids as the student's, checked on the dataset's questions and answers plus the teacher's
+    template. Returns the number of texts compared (0: the checkpoint has no tokenizer files)."""
+    path = config.teacher.path
+    try:
+        teacher_tok = load_tokenizer(path)
+    except TokenizerError:
+        return 0
+    from spatial_distill.teacher import llava3d_inputs
+    from spatial_distill.teacher.llava3d_teacher import check_same_tokenizer
+
+    corpus = [llava3d_inputs.prompt("Is the red box near the blue ball?", "Yes."),
+              llava3d_inputs.SYSTEM, " ASSISTANT:"]
+    for split in SPLITS:
+        for d in prepare.scene_dirs(config, workdir, split)[:200]:
+            corpus += [t for qa in scannet.read_scene_qa(d) for t in (qa.question, qa.answer)]
+    return check_same_tokenizer(teacher_tok, tokenizer, corpus)
 
 
 def teacher_record(sample, teacher: Teacher, tokenizer: Tokenizer, meta: tr.TeacherMeta,
@@ -85,18 +131,28 @@ def dump(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the train and eval records; returns the records directory. Resumable."""
     out_dir = records_dir(config, workdir)
     os.makedirs(out_dir, exist_ok=True)
+    check_teacher_config(config)
     tokenizer = prepare.tokenizer(config, workdir)
+    checked = 0 if config.teacher.kind == "oracle" else check_teacher_tokenizer(config, workdir, tokenizer)
     teacher = make_teacher(config, tokenizer)
     n_shards = config.teacher.num_shards
     size = config.data.image_size
+    process, processes = jax.process_index(), jax.process_count()
+    if n_shards % processes:
+        raise ValueError(f"config.teacher.num_shards = {n_shards} is not a multiple of the "
+                         f"{processes} processes; every process must write the same number of shards")
+    calibration = dict(teacher.calibration())
+    if checked:
+        calibration["tokenizer_check"] = f"teacher and student ids equal on {checked} texts"
     meta = tr.TeacherMeta(
         teacher_id=teacher.teacher_id, teacher_revision=teacher.revision,
         vocab_size=tokenizer.vocab_size, k=config.teacher.k, temperature=config.teacher.temperature,
         image_size=(size, size), num_views=config.data.num_views, tokenizer_hash=tokenizer.sha256,
-        prompt_template=PROMPT_TEMPLATE, calibration=teacher.calibration(),
+        prompt_template=PROMPT_TEMPLATE, calibration=calibration,
         splits={s: {"num_shards": n_shards} for s in SPLITS})
     _check_same_dump(out_dir, meta)
-    meta = tr.write_meta(out_dir, meta)  # pins the identity before any shard is written
+    if process == 0:
+        meta = tr.write_meta(out_dir, meta)  # pins the identity before any shard is written
 
     for split in SPLITS:
         dirs = prepare.scene_dirs(config, workdir, split)
@@ -104,10 +160,13 @@ def dump(config: ml_collections.ConfigDict, workdir: str) -> str:
             raise ValueError(f"split {split!r} has {len(dirs)} scenes, fewer than "
                              f"config.teacher.num_shards = {n_shards}")
         ranges = tr.shard_assignment(len(dirs), n_shards)
+        mine = [i for i in range(n_shards) if i % processes == process]
         done = {int(p.name.split("-")[2]) for p in tr.finished_shards(out_dir, split, n_shards)}
-        with tqdm(total=len(dirs), initial=sum(len(ranges[i]) for i in done),
-                  desc=f"teacher dump ({split})", unit="sample") as bar:
-            for index, indices in enumerate(ranges):
+        with tqdm(total=sum(len(ranges[i]) for i in mine),
+                  initial=sum(len(ranges[i]) for i in mine if i in done),
+                  desc=f"teacher dump ({split})", unit="sample", disable=process != 0) as bar:
+            for index in mine:
+                indices = ranges[index]
                 if index in done:
                     continue
                 # An interrupted earlier attempt at this shard left only a temp file: drop it.
@@ -121,7 +180,15 @@ def dump(config: ml_collections.ConfigDict, workdir: str) -> str:
                         bar.update(1)
 
                 tr.write_shard(out_dir, split, index, n_shards, records(), meta)
-    meta = tr.write_meta(out_dir, meta)
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("teacher dump: every shard written")
+    if process == 0:
+        tr.write_meta(out_dir, meta)
+    if processes > 1:
+        multihost_utils.sync_global_devices("teacher dump: meta written")
+    meta = tr.read_meta(out_dir)
     counts = {s: {k: v for k, v in meta.splits[s].items() if k != "shard_records"} for s in SPLITS}
     print(f"  records in {out_dir}: " + "; ".join(
         f"{s} {c['num_records']} samples, {c['num_questions']} questions" for s, c in counts.items()))
