@@ -90,10 +90,15 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.teacher.dtype = "float32"  # llava3d / hf compute dtype (bfloat16 on accelerators)
     c.teacher.batch_size = 8  # questions per teacher call (padded to it: one compiled shape)
     c.teacher.max_new_tokens = 32  # greedy answer budget, EOS included
-    # llava3d 3D inputs: sensor (the scene's depth, intrinsics, poses) | vggt (predicted from RGB
-    # by VGGT weights at teacher.vggt_path: for scenes without depth sensors).
+    # llava3d 3D inputs: sensor (the scene's depth, intrinsics, poses) | vggt (predicted from the
+    # RGB views by VGGT weights at teacher.vggt_path: scenes without depth sensors).
     c.teacher.geometry = "sensor"
     c.teacher.vggt_path = config_dict.placeholder(str)
+    c.teacher.vggt_config = config_dict.placeholder(str)  # its config.json; None: VGGT-1B
+    c.teacher.vggt_image_width = 518  # VGGT's input width (a multiple of 14)
+    # Metres to set each scene's median predicted depth to (VGGT is metric only up to its
+    # training normalisation); None keeps VGGT's units.
+    c.teacher.vggt_median_depth = config_dict.placeholder(float)
     # llava3d: (data, fsdp, tensor) over this process's devices; each process dumps its own
     # shards. Tensor parallel by default: the 7B's 32 heads split over a host's chips.
     c.teacher.mesh = (1, 1, -1)

@@ -12,8 +12,8 @@ jitted steps compile a few times, not once per sample. The records keep the stud
 ids (BOS + question); the teacher's template is recorded in `calibration()`.
 
 Geometry (`geometry`): `sensor` feeds the sample's depth, intrinsics and poses; `vggt` replaces
-them with what a VGGT model predicts from the RGB views alone (`vggt_geometry.py`), for scenes
-without sensors.
+them with what VGGT predicts from the RGB views alone (`vggt_geometry.py`), for scenes without
+sensors.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class LLaVA3DTeacher:
         if geometry not in GEOMETRIES:
             raise ValueError(f"config.teacher.geometry={geometry!r}: choose one of {GEOMETRIES}")
         if geometry == "vggt" and predict_geometry is None:
-            raise ValueError("teacher.geometry='vggt' needs a VGGT model (config.teacher.vggt_path)")
+            raise ValueError("teacher.geometry='vggt' needs a VGGT predictor (config.teacher.vggt_path)")
         if max_new_tokens < 1 or batch_size < 1 or length_bucket < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, "
                              f"length_bucket={length_bucket} must be positive")
@@ -136,7 +136,8 @@ class LLaVA3DTeacher:
                 "voxel_size": c.voxel_size, "geometry": self.geometry,
                 "geometry_dtype": "float32 (upstream: the model dtype, bf16 by default)",
                 "image_size": c.clip.image_size, "dtype": str(jnp.dtype(c.dtype)),
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens,
+                **(self.predict_geometry.describe() if hasattr(self.predict_geometry, "describe") else {})}
 
     def _rules(self):
         return sharding.axis_rules(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -241,7 +242,7 @@ def load(config, tokenizer: Tokenizer) -> LLaVA3DTeacher:
     if t.geometry == "vggt":
         from spatial_distill.teacher import vggt_geometry
 
-        predict = vggt_geometry.Predictor.from_config(config)
+        predict = vggt_geometry.VGGTGeometry.from_config(config)
     # Each process dumps its own shards: the mesh spans this process's devices only.
     mesh = sharding.make_mesh(tuple(t.mesh), jax.local_devices())
     return LLaVA3DTeacher(model, tokenizer, teacher_id=f"llava3d:{name}",
