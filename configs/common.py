@@ -57,8 +57,25 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if not 1 <= config.teacher.k <= vocab:
         bad("teacher.k", config.teacher.k,
             f"must be between 1 and the vocabulary size {vocab} (model.decoder.vocab_size)")
-    if config.teacher.kind != "oracle":
-        bad("teacher.kind", config.teacher.kind, "only the 'oracle' teacher (synthetic data) exists")
+    t = config.teacher
+    if t.kind not in ("oracle", "llava3d", "hf"):
+        bad("teacher.kind", t.kind, "choose oracle (synthetic data), llava3d (the Flax LLaVA-3D "
+            "port) or hf (a transformers model)")
+    if t.kind != "oracle" and not t.path:
+        bad("teacher.path", t.path, f"teacher.kind={t.kind!r} needs a local checkpoint directory")
+    if t.geometry not in ("sensor", "vggt"):
+        bad("teacher.geometry", t.geometry, "choose sensor or vggt")
+    if t.kind == "llava3d" and t.geometry == "vggt" and t.llava_mode == "3d" and not t.vggt_path:
+        bad("teacher.vggt_path", t.vggt_path, "teacher.geometry=vggt needs VGGT weights on a local path")
+    if t.llava_mode not in ("3d", "2d"):
+        bad("teacher.llava_mode", t.llava_mode, "choose 3d or 2d")
+    if t.dtype not in ("float32", "bfloat16", "float16"):
+        bad("teacher.dtype", t.dtype, "choose float32, bfloat16 or float16")
+    for field in ("batch_size", "max_new_tokens"):
+        if t[field] < 1:
+            bad(f"teacher.{field}", t[field], "must be >= 1")
+    if len(tuple(t.mesh)) != 3:
+        bad("teacher.mesh", t.mesh, "a (data, fsdp, tensor) triple, one entry may be -1")
     if config.teacher.kind == "oracle" and d.source != "synthetic":
         bad("teacher.kind", config.teacher.kind, "the oracle answers from synthetic geometry only; "
             "data.source must be 'synthetic'")

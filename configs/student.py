@@ -93,6 +93,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # llava3d 3D inputs: sensor (the scene's depth, intrinsics, poses) | vggt (predicted from the
     # RGB views by VGGT weights at teacher.vggt_path: scenes without depth sensors).
     c.teacher.geometry = "sensor"
+    # llava3d: 3d (every view, voxel tokens) | 2d (view 0 as one image, 576 tokens; scenes
+    # without depth or poses when VGGT is not wanted).
+    c.teacher.llava_mode = "3d"
     c.teacher.vggt_path = config_dict.placeholder(str)
     c.teacher.vggt_config = config_dict.placeholder(str)  # its config.json; None: VGGT-1B
     c.teacher.vggt_image_width = 518  # VGGT's input width (a multiple of 14)

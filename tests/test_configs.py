@@ -33,6 +33,12 @@ def test_config_is_locked_against_typos():
     ("data.image_size", 100, r"config.data.image_size = 100: must be a positive multiple"),
     ("mode", "fly", r"config.mode = 'fly': must be one of"),
     ("tokenizer.vocab_size", 1000, r"config.tokenizer.vocab_size = 1000"),
+    ("teacher.kind", "gpt4", r"config.teacher.kind = 'gpt4': choose oracle .*, llava3d .* or hf"),
+    ("teacher.kind", "llava3d", r"config.teacher.path = None: teacher.kind='llava3d' needs a local"),
+    ("teacher.geometry", "lidar", r"config.teacher.geometry = 'lidar': choose sensor or vggt"),
+    ("teacher.llava_mode", "4d", r"config.teacher.llava_mode = '4d'"),
+    ("teacher.dtype", "int8", r"config.teacher.dtype = 'int8'"),
+    ("teacher.max_new_tokens", 0, r"config.teacher.max_new_tokens = 0: must be >= 1"),
 ])
 def test_bad_values_name_the_field(field, value, msg):
     c = student.get_config("tiny")

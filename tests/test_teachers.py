@@ -207,3 +207,33 @@ def test_two_processes_dump_disjoint_complete_shards_equal_to_one_process(tmp_pa
                 np.testing.assert_allclose(a.topk_logprobs.astype(np.float32),
                                            b.topk_logprobs.astype(np.float32), atol=2e-3)
     assert tr.read_meta(out).splits["train"]["num_records"] == 12
+
+
+def test_2d_mode_and_scenes_without_depth(tmp_path):
+    """A scene without depth stops with the two ways out named; 2D mode answers from view 0."""
+    import dataclasses
+
+    from data_pipelines import synthetic
+    from spatial_distill.teacher import llava3d_inputs
+
+    c = tiny_config()
+    tok = prepare.tokenizer(c, str(tmp_path))
+    model = tiny_llava3d()
+    s = synthetic.generate_scene(7, image_size=(56, 56), num_views=3)
+    no_depth = dataclasses.replace(s, depth=np.zeros_like(s.depth))
+    teacher = llava3d_teacher.LLaVA3DTeacher(model, tok, teacher_id="t", revision="0", max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"views \[0, 1, 2\] have no valid depth.*geometry=vggt.*llava_mode=2d"):
+        teacher.answer(no_depth, None)
+    flat = llava3d_teacher.LLaVA3DTeacher(model, tok, teacher_id="t", revision="0", max_new_tokens=3,
+                                          mode="2d")
+    answers = flat.answer(no_depth, None)
+    logits = flat.score(no_depth, None, answers)
+    image = llava3d_inputs.image_2d(s.rgb[0], "square", 28)[None]
+    for i in (0, 5):
+        ids = np.asarray([flat.prompt_ids(s.qa[i].question) + answers[i]])
+        full = np.asarray(model(ids, images=image))[0]
+        assert full.shape[0] == ids.shape[1] - 1 + 4  # 2x2 CLIP patches replace the -200
+        a = len(answers[i])
+        np.testing.assert_allclose(full[-a - 1: -1], logits[i], atol=1e-5)
+        np.testing.assert_array_equal(full[-a - 1: -1].argmax(-1), answers[i])
+    assert flat.calibration()["mode"] == "2d"

@@ -37,6 +37,7 @@ from spatial_distill.teacher import llava3d_inputs as inputs_lib
 from spatial_distill.tokenizer import Tokenizer, check_vocab
 
 GEOMETRIES = ("sensor", "vggt")
+MODES = ("3d", "2d")
 
 
 def _bucket(n: int, size: int) -> int:
@@ -61,6 +62,11 @@ def checkpoint_revision(path: str) -> str:
 def _encode_scene(graphdef, state, images, depths, poses, intrinsics):
     model = nnx.merge(graphdef, state)
     return model.encode_scene(images, depths, poses, intrinsics)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_image(graphdef, state, images):
+    return nnx.merge(graphdef, state).encode_images(images)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -105,11 +111,13 @@ class LLaVA3DTeacher:
                  revision: str, max_new_tokens: int = 32, batch_size: int = 8,
                  length_bucket: int = 32, geometry: str = "sensor",
                  predict_geometry: Callable[[np.ndarray], tuple] | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, mode: str = "3d"):
         check_vocab(tokenizer, model.config.llama.vocab_size, what=f"teacher {teacher_id}")
         if geometry not in GEOMETRIES:
             raise ValueError(f"config.teacher.geometry={geometry!r}: choose one of {GEOMETRIES}")
-        if geometry == "vggt" and predict_geometry is None:
+        if mode not in MODES:
+            raise ValueError(f"config.teacher.llava_mode={mode!r}: choose one of {MODES}")
+        if geometry == "vggt" and mode == "3d" and predict_geometry is None:
             raise ValueError("teacher.geometry='vggt' needs a VGGT predictor (config.teacher.vggt_path)")
         if max_new_tokens < 1 or batch_size < 1 or length_bucket < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, "
@@ -117,7 +125,7 @@ class LLaVA3DTeacher:
         self.model, self.tokenizer = model, tokenizer
         self.teacher_id, self.revision = teacher_id, revision
         self.max_new_tokens, self.batch_size, self.length_bucket = max_new_tokens, batch_size, length_bucket
-        self.geometry, self.predict_geometry = geometry, predict_geometry
+        self.geometry, self.predict_geometry, self.mode = geometry, predict_geometry, mode
         self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh
         if mesh is not None:  # parameters laid out by their logical axes (the 7B over a host's chips)
@@ -133,7 +141,8 @@ class LLaVA3DTeacher:
         return {"kind": "LLaVA-3D (Flax port), greedy answers, teacher-forced logits",
                 "teacher_template": inputs_lib.TEMPLATE, "system": inputs_lib.SYSTEM,
                 "voxel_cap_rule": llava3d.VOXEL_CAP_RULE, "max_voxel_tokens": c.max_voxel_tokens,
-                "voxel_size": c.voxel_size, "geometry": self.geometry,
+                "voxel_size": c.voxel_size, "mode": self.mode,
+                "geometry": self.geometry if self.mode == "3d" else "none (2D: view 0 only)",
                 "geometry_dtype": "float32 (upstream: the model dtype, bf16 by default)",
                 "image_size": c.clip.image_size, "dtype": str(jnp.dtype(c.dtype)),
                 "max_new_tokens": self.max_new_tokens,
@@ -149,6 +158,12 @@ class LLaVA3DTeacher:
             depth, K, poses = self.predict_geometry(np.asarray(sample.rgb))
         else:
             depth, K, poses = sample_geometry(sample)
+            empty = [i for i in range(len(depth)) if not (depth[i] > 0).any()]
+            if empty:
+                raise ValueError(f"sample {sample.sample_id!r}: views {empty} have no valid depth; "
+                                 "LLaVA-3D's 3D mode needs depth and poses: set "
+                                 "config.teacher.geometry=vggt (predicted from RGB) or "
+                                 "config.teacher.llava_mode=2d (view 0 as one image)")
         h, w = depth.shape[1:]
         s = inputs_lib.scene(list(sample.rgb), list(depth), K, poses, size=self.model.config.clip.image_size,
                              depth_scale=1.0, intrinsic_size=(w, h))
@@ -156,10 +171,16 @@ class LLaVA3DTeacher:
 
     def _scene_tokens(self, sample: Sample) -> llava3d.SceneTokens:
         if self._scene_cache is None or self._scene_cache[0] != sample.sample_id:
-            x = self.scene_inputs(sample)
+            c = self.model.config
             with self._rules():
-                tokens = _encode_scene(self.graphdef, self.state, x["images"], x["depths"],
-                                       x["poses"], x["intrinsics"])
+                if self.mode == "2d":
+                    image = inputs_lib.image_2d(np.asarray(sample.rgb[0]), c.image_aspect_ratio,
+                                                c.clip.image_size)
+                    tokens = _encode_image(self.graphdef, self.state, image[None])
+                else:
+                    x = self.scene_inputs(sample)
+                    tokens = _encode_scene(self.graphdef, self.state, x["images"], x["depths"],
+                                           x["poses"], x["intrinsics"])
             self._scene_cache = (sample.sample_id, tokens)
         return self._scene_cache[1]
 
@@ -239,7 +260,7 @@ def load(config, tokenizer: Tokenizer) -> LLaVA3DTeacher:
     with open(os.path.join(t.path, "config.json")) as f:
         name = json.load(f).get("_name_or_path") or os.path.basename(os.path.normpath(t.path))
     predict = None
-    if t.geometry == "vggt":
+    if t.geometry == "vggt" and t.llava_mode == "3d":
         from spatial_distill.teacher import vggt_geometry
 
         predict = vggt_geometry.VGGTGeometry.from_config(config)
@@ -248,8 +269,8 @@ def load(config, tokenizer: Tokenizer) -> LLaVA3DTeacher:
     return LLaVA3DTeacher(model, tokenizer, teacher_id=f"llava3d:{name}",
                           revision=checkpoint_revision(t.path), max_new_tokens=t.max_new_tokens,
                           batch_size=t.batch_size, geometry=t.geometry, predict_geometry=predict,
-                          mesh=mesh)
+                          mesh=mesh, mode=t.llava_mode)
 
 
-__all__ = ["GEOMETRIES", "LLaVA3DTeacher", "check_same_tokenizer", "checkpoint_revision", "left_pad",
+__all__ = ["GEOMETRIES", "LLaVA3DTeacher", "MODES", "check_same_tokenizer", "checkpoint_revision", "left_pad",
            "load", "sample_geometry"]
