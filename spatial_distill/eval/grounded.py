@@ -13,7 +13,6 @@ starts with another token) cannot hide behind, or be mistaken for, a reasoning o
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -93,54 +92,20 @@ def _answer(model: Student, images, prompt, mask, max_new_tokens, eos_id, pad_id
 def evaluate(model: Student, tokenizer: Tokenizer, records_dir: str, *, split: str = "eval",
              batch_size: int = 8, max_questions: int, max_prompt_len: int,
              max_new_tokens: int = 4, predictions_path: str | None = None) -> dict:
-    """Accuracy per QA kind of the student and of the teacher's stored answers vs the geometry."""
-    right = collections.Counter()
-    teacher_right = collections.Counter()
-    total = collections.Counter()
-    forced_right, forced_total = collections.Counter(), collections.Counter()
-    yes_no = yes_no_tokens(tokenizer)
-    out = open(predictions_path, "w") if predictions_path else None
-    try:
-        for chunk in _chunks(_records(records_dir, split), batch_size):
-            # Fixed shapes (one compilation): a short last chunk is padded with question-less rows.
-            images, prompt, mask = _arrays(chunk, batch_size, max_questions, max_prompt_len)
-            tokens, first = _answer(model, images, prompt, mask, max_new_tokens, tokenizer.eos_id,
-                                    tokenizer.pad_id)
-            tokens, first = np.asarray(tokens), np.asarray(first)
-            for b, rec in enumerate(chunk):
-                for q, (qa, ans) in enumerate(zip(rec.sample.qa, rec.answers)):
-                    said = first_word(tokenizer.decode(tokens[b, q]))
-                    teacher_said = first_word(tokenizer.decode(ans.answer_ids))
-                    gt = first_word(ans.gt_answer)
-                    total[qa.kind] += 1
-                    right[qa.kind] += said == gt
-                    teacher_right[qa.kind] += teacher_said == gt
-                    if gt in yes_no:  # teacher-forced: the yes/no logit at the first answer token
-                        forced = "yes" if first[b, q, yes_no["yes"]] > first[b, q, yes_no["no"]] else "no"
-                        forced_total[qa.kind] += 1
-                        forced_right[qa.kind] += forced == gt
-                    if out:
-                        out.write(json.dumps({"sample_id": rec.sample.sample_id, "kind": qa.kind,
-                                              "question": qa.question, "answer": said, "gt": gt,
-                                              "teacher": teacher_said}) + "\n")
-    finally:
-        if out:
-            out.close()
-    if not total:
-        raise ValueError(f"{records_dir}: split {split!r} holds no questions to evaluate")
-    metrics = {}
-    for kind in sorted(total):
-        metrics[f"grounded/{kind}_acc"] = right[kind] / total[kind]
-        metrics[f"grounded/{kind}_n"] = total[kind]
-        metrics[f"teacher/{kind}_acc"] = teacher_right[kind] / total[kind]
-        if teacher_right[kind]:
-            metrics[f"retention/{kind}"] = right[kind] / teacher_right[kind]
-    for kind in sorted(forced_total):
-        metrics[f"grounded_forced/{kind}_acc"] = forced_right[kind] / forced_total[kind]
-    n = sum(total.values())
-    metrics["grounded/overall_acc"] = sum(right.values()) / n
-    metrics["teacher/overall_acc"] = sum(teacher_right.values()) / n
-    metrics["grounded/overall_n"] = n
+    """Every eval metric of `model` on a split in one call (`predictions.predict` into a scratch
+    directory, then `predictions.score`); the per-question rows go to `predictions_path`."""
+    import shutil
+    import tempfile
+
+    from spatial_distill.eval import predictions
+
+    with tempfile.TemporaryDirectory() as scratch:
+        predictions.predict(model, tokenizer, records_dir, scratch, split=split, batch_size=batch_size,
+                            max_questions=max_questions, max_prompt_len=max_prompt_len,
+                            max_new_tokens=max_new_tokens)
+        metrics, _ = predictions.score(scratch)
+        if predictions_path:
+            shutil.copyfile(os.path.join(scratch, predictions.PREDICTIONS), predictions_path)
     return metrics
 
 

@@ -1,0 +1,98 @@
+"""The eval stage's prediction pass and scoring: every key, resumability, heads."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from spatial_distill import prepare
+from spatial_distill.eval import predictions
+from spatial_distill.models import student as st
+from spatial_distill.teacher import dump as dump_lib
+from tests.test_dump import tiny_config
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("evalstage"))
+    c = tiny_config()
+    return c, dump_lib.dump(c, wd), prepare.tokenizer(c, wd)
+
+
+def _student(c, tokenizer, heads=False):
+    c = c.copy_and_resolve_references()
+    c.model.depth_head.enabled = c.model.det_head.enabled = heads
+    if heads:
+        c.model.depth_head.layers = (0, 1, 2, 3)
+    cfg = st.config_from(c.model, 56, tokenizer)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(
+        cfg.decoder, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64))
+    return st.create(cfg, 0)
+
+
+def _predict(model, c, tok, records, out, **kw):
+    return predictions.predict(model, tok, records, str(out), batch_size=3,
+                               max_questions=c.input.max_questions,
+                               max_prompt_len=c.input.max_prompt_len, **kw)
+
+
+def test_every_text_key_and_notes_for_missing_heads(dumped, tmp_path):
+    c, records, tok = dumped
+    assert _predict(_student(c, tok), c, tok, records, tmp_path, checkpoint_step=7) == 4
+    m, notes = predictions.score(str(tmp_path))
+    for key in ("grounded/overall_acc", "grounded/unparsable_frac", "paper_mode/overall_acc",
+                "teacher/overall_acc", "text/bleu1", "text/bleu4", "text/rouge1", "text/rouge2",
+                "text/rougeL", "text/rouge1_precision", "text/rouge1_recall", "text/meteor",
+                "text/student_len", "text/teacher_len"):
+        assert key in m, key
+    assert all(k in m for k in ("paper_mode/proximity_acc", "paper_mode/size_acc"))
+    assert 0 <= m["grounded/unparsable_frac"] <= 1 and m["teacher/overall_acc"] == 1.0
+    assert any(n.startswith("depth/*: skipped") for n in notes)
+    assert any(n.startswith("det/*: skipped") for n in notes)
+    rows = [json.loads(x) for x in (tmp_path / predictions.PREDICTIONS).read_text().splitlines()]
+    assert len(rows) == m["grounded/overall_n"] and {"answer_text", "teacher_text"} <= set(rows[0])
+    # The oracle answers with the grounded word itself: its paper-mode booleans are the student's
+    # whenever the student says the same thing, so a perfect copy scores 1.0 there too.
+    assert m["text/teacher_len"] == pytest.approx(np.mean([len(r["teacher_text"].split()) for r in rows]))
+
+
+def test_an_interrupted_eval_finishes_without_duplicates(dumped, tmp_path, monkeypatch):
+    c, records, tok = dumped
+    model = _student(c, tok)
+    _predict(model, c, tok, records, tmp_path / "whole", checkpoint_step=1)
+    whole, _ = predictions.score(str(tmp_path / "whole"))
+
+    real = predictions._sample_row
+    calls = {"n": 0}
+
+    def crash_on_the_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(predictions, "_sample_row", crash_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(model, c, tok, records, tmp_path / "cut", checkpoint_step=1)
+    monkeypatch.setattr(predictions, "_sample_row", real)
+    # The third sample's question rows were written before the crash; the rerun drops them.
+    assert _predict(model, c, tok, records, tmp_path / "cut", checkpoint_step=1) == 2
+    cut, _ = predictions.score(str(tmp_path / "cut"))
+    assert cut == whole
+    ids = [json.loads(x)["sample_id"] for x in (tmp_path / "cut" / predictions.SAMPLES).read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 4
+    # Another checkpoint starts over.
+    assert _predict(model, c, tok, records, tmp_path / "cut", checkpoint_step=2) == 4
+
+
+def test_depth_and_box_metrics_with_the_heads(dumped, tmp_path):
+    c, records, tok = dumped
+    _predict(_student(c, tok, heads=True), c, tok, records, tmp_path)
+    m, notes = predictions.score(str(tmp_path), class_names=("box", "sphere", "cylinder"))
+    for key in ("depth/abs_rel", "depth/rmse", "depth/delta1", "depth/abs_rel_median_scaled",
+                "depth/rmse_median_scaled", "depth/delta1_median_scaled", "det/ap25", "det/ap50",
+                "det/map25", "det/map50"):
+        assert key in m and np.isfinite(m[key]), key
+    assert 0 <= m["depth/delta1"] <= 1 and 0 <= m["det/map25"] <= 1
+    assert any(k.startswith("det/ap25_") for k in m) and not notes
