@@ -197,6 +197,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.vision.schedule = "cosine"  # as the shipped tiny checkpoint was trained
     c.vision.eval_every = 500
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.report_samples = 3  # held-out samples drawn in WORKDIR/eval/report.md
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
 

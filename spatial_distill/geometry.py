@@ -61,6 +61,18 @@ def boxes_in_camera0_frame(boxes: jax.Array, cam_to_world: jax.Array) -> jax.Arr
     return jnp.concatenate([jnp.stack([x, y, d[..., 2]], -1), boxes[..., 3:6], yaw[..., None]], -1)
 
 
+def boxes_from_camera0_frame(boxes: jax.Array, cam_to_world: jax.Array) -> jax.Array:
+    """The inverse of `boxes_in_camera0_frame`: camera 0's gravity-aligned frame `[B, N, 7]` ->
+    world `[B, N, 7]` (e.g. predicted boxes, to draw them into any view)."""
+    heading = camera0_heading(cam_to_world)
+    centre = cam_to_world[:, 0, :3, 3].astype(jnp.float32)
+    c, s = jnp.cos(heading)[:, None], jnp.sin(heading)[:, None]
+    x, y = boxes[..., 0].astype(jnp.float32), boxes[..., 1].astype(jnp.float32)
+    world = jnp.stack([c * x - s * y, s * x + c * y, boxes[..., 2].astype(jnp.float32)], -1)
+    yaw = wrap_angle(boxes[..., 6] + heading[:, None])
+    return jnp.concatenate([world + centre[:, None, :], boxes[..., 3:6], yaw[..., None]], -1)
+
+
 def world_to_camera0(points: jax.Array, cam_to_world: jax.Array) -> jax.Array:
     """World points `[B, N, 3]` -> camera 0's OpenCV frame `[B, N, 3]`."""
     pose = cam_to_world[:, 0].astype(jnp.float32)

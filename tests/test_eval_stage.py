@@ -96,3 +96,75 @@ def test_depth_and_box_metrics_with_the_heads(dumped, tmp_path):
         assert key in m and np.isfinite(m[key]), key
     assert 0 <= m["depth/delta1"] <= 1 and 0 <= m["det/map25"] <= 1
     assert any(k.startswith("det/ap25_") for k in m) and not notes
+
+
+def test_report_has_tables_curves_and_pictures(dumped, tmp_path):
+    from spatial_distill.eval import grounded, report
+
+    c, records, tok = dumped
+    model = _student(c, tok, heads=True)
+    _predict(model, c, tok, records, tmp_path)
+    m, notes = predictions.score(str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a training log, as the trainer writes it
+        for step in (1, 2, 3):
+            f.write(json.dumps({"step": step, "learning/loss": 5.0 - step, "aux/text": 3.0 / step}) + "\n")
+        f.write(json.dumps({"step": 3, "eval/learning/loss": 2.5}) + "\n")
+    examples = list(grounded._records(records, "eval"))[:2]
+    images, prompt, mask = grounded._arrays(examples, 2, c.input.max_questions, c.input.max_prompt_len)
+    heads = predictions._heads_out(model, images, prompt, mask)
+    md, page = report.write(str(tmp_path), str(tmp_path), m, notes, examples, heads)
+    text = open(md).read()
+    assert "| proximity |" in text and "paper-mode" in text and "`det/map25`" in text
+    assert "![curves](report/curves.png)" in text and "![sample 1](report/sample_1.png)" in text
+    assert examples[0].sample.qa[0].question in text
+    for name in ("curves.png", "sample_0.png", "sample_1.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+    assert "<table" in open(page).read() and '<img src="report/sample_0.png"' in open(page).read()
+
+
+def test_box_corners_of_a_yawed_box():
+    from spatial_distill.eval.report import box_corners
+
+    c = box_corners([[1, 2, 3, 2, 4, 6, np.pi / 2]])[0]
+    # Turned a quarter: the 2 m side lies along y, the 4 m side along x.
+    np.testing.assert_allclose(c.min(0), [1 - 2, 2 - 1, 0], atol=1e-9)
+    np.testing.assert_allclose(c.max(0), [1 + 2, 2 + 1, 6], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_the_eval_stage_of_a_trained_checkpoint_end_to_end(dumped, tmp_path):
+    """run.py trains the tiny student (heads on) for 2 steps on the dumped records, then its eval
+    stage writes every key it can produce, the report, and resumes to the same metrics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    c, records, tok = dumped
+    root = Path(__file__).resolve().parents[1]
+    flags = [sys.executable, "run.py", "--config=configs/student.py:tiny", f"--workdir={tmp_path}",
+             "--config.data.num_train_scenes=12", "--config.data.num_eval_scenes=4",
+             "--config.data.image_size=56", "--config.data.workers=1",
+             "--config.tokenizer.vocab_size=280", "--config.model.decoder.vocab_size=280",
+             f"--config.teacher.records_dir={records}", f"--config.tokenizer.path={tok.path}",
+             "--config.input.max_prompt_len=48", "--config.train.steps=2", "--config.train.batch_size=2",
+             "--config.model.depth_head.enabled=True", "--config.model.det_head.enabled=True",
+             "--config.eval.report_samples=2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for mode in ("train", "eval"):
+        r = subprocess.run(flags + [f"--config.mode={mode}"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    from spatial_distill.eval import grounded
+
+    # Teacher-forced yes/no needs both words to be single tokens, which a 280-entry BPE may not give.
+    forced = ("grounded_forced/",) if grounded.yes_no_tokens(tok) else ()
+    for prefix in ("grounded/", "teacher/", "paper_mode/", "text/", "depth/", "det/") + forced:
+        assert any(k.startswith(prefix) for k in m), prefix
+    assert "grounded/unparsable_frac" in m and "text/meteor" in m and "det/map50" in m
+    assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "report.html").exists()
+    assert "report in" in r.stdout and "paper-mode" in r.stdout
+    r = subprocess.run(flags + ["--config.mode=eval"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=900)  # nothing left to predict: the same metrics
+    assert r.returncode == 0 and json.loads((tmp_path / "eval" / "metrics.json").read_text()) == m

@@ -146,3 +146,15 @@ def test_heading_of_a_camera_looking_straight_down(flat):
         pose = look_at(eye, target)
     h = float(geometry.camera0_heading(jnp.asarray(pose[None, None], jnp.float32))[0])
     assert h == pytest.approx(np.pi / 2 if flat else np.pi / 4, abs=1e-5)
+
+
+def test_boxes_from_camera0_frame_inverts_the_forward_map():
+    r = np.random.default_rng(3)
+    s = synthetic.generate_scene(11, image_size=(56, 56), num_views=2)
+    boxes = np.concatenate([r.normal(size=(1, 5, 3)) * 3, r.uniform(0.2, 1, (1, 5, 3)),
+                            r.uniform(-np.pi, np.pi, (1, 5, 1))], -1).astype(np.float32)
+    cams = s.cam_to_world[None]
+    there = geometry.boxes_in_camera0_frame(jnp.asarray(boxes), jnp.asarray(cams))
+    back = np.asarray(geometry.boxes_from_camera0_frame(there, jnp.asarray(cams)))
+    np.testing.assert_allclose(back[..., :6], boxes[..., :6], atol=1e-5)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (back[..., 6] - boxes[..., 6]))), 0, atol=1e-5)

@@ -300,6 +300,12 @@ def test_vggt_weights_fill_the_aggregator_and_depth_head(tmp_path):
     for a, b in zip(jax.tree.leaves(got["object_head"]), jax.tree.leaves(want["object_head"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    # The vision stage's export has no depth head: the student's starts from random weights.
+    no_depth = {k: v for k, v in tensors.items() if not k.startswith("depth_head.")}
+    save_file({k: np.ascontiguousarray(v) for k, v in no_depth.items()}, tmp_path / "vggt.safetensors")
+    assert sorted(step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)) == [
+        "aggregator", "camera_head"]
+
     del tensors["aggregator.camera_token"]
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path / "vggt.safetensors")
     with pytest.raises(CheckpointMismatchError, match="aggregator.camera_token"):

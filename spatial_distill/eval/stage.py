@@ -9,6 +9,7 @@ METEOR against the teacher's answers) and, with those heads, `depth/*` and `det/
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from spatial_distill import prepare
-from spatial_distill.eval import grounded, predictions
+from spatial_distill.eval import grounded, predictions, report
 from spatial_distill.models import student as st
 from spatial_distill.teacher import dump
 from spatial_distill.train import checkpoint as ckpt_lib
@@ -46,10 +47,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoint_step=step)
     metrics, notes = predictions.score(eval_dir, class_names=_class_names(config))
     path = grounded.write_metrics(metrics, eval_dir)
+    records = dump.records_dir(config, workdir)
+    examples = list(itertools.islice(grounded._records(records, "eval"), config.eval.report_samples))
+    heads = {}
+    if examples:
+        images, prompt, mask = grounded._arrays(examples, len(examples), config.input.max_questions,
+                                                config.input.max_prompt_len)
+        heads = predictions._heads_out(model, images, prompt, mask)
+    md, _ = report.write(eval_dir, workdir, metrics, notes, examples, heads)
     print(summary(metrics))
     for note in notes:
         print(f"  {note}")
-    print(f"  metrics in {path}, answers in {os.path.join(eval_dir, predictions.PREDICTIONS)}")
+    print(f"  metrics in {path}, answers in {os.path.join(eval_dir, predictions.PREDICTIONS)}, "
+          f"report in {md} (and .html)")
     return metrics
 
 

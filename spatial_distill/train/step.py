@@ -325,7 +325,8 @@ def init_state(key: jax.Array, tx, spec: LossSpec, build_model) -> TrainState:
 
 def vggt_weights(build_model, path: str, *, depth_head: bool) -> dict:
     """VGGT weights for the student's vision side: `{"aggregator": pure dict, ...}` of numpy
-    arrays, with `depth_head` (when `depth_head` and the student has one), `camera_head` (when the
+    arrays, with `depth_head` (when `depth_head`, the student has one and the checkpoint holds
+    its keys, as official VGGT does; the vision stage's export has none), `camera_head` (when the
     student has one) and `object_head` (when the student has one and the checkpoint holds its
     `object_head.*` keys, as the vision stage's export does; an official VGGT checkpoint has
     none, and the head then starts from random weights). Keys of other parts (point and track
@@ -337,7 +338,8 @@ def vggt_weights(build_model, path: str, *, depth_head: bool) -> dict:
     sd = StateDict(tensors, source)
     model.aggregator.load_torch(sd, "aggregator")
     parts = ["aggregator"]
-    if depth_head and model.depth_head is not None:
+    # The vision stage's export has no depth head: the student's then starts from random weights.
+    if depth_head and model.depth_head is not None and any(k.startswith("depth_head.") for k in tensors):
         model.depth_head.load_torch(sd, "depth_head")
         parts.append("depth_head")
     if model.camera_head is not None:
