@@ -92,6 +92,19 @@ def lm_stats(llm, prompt_len: int) -> dict:
             "params": params}
 
 
+def device_peaks(dtype) -> tuple[float, float]:
+    """Measured matmul FLOP/s and memory bandwidth (bytes/s) of the local device: the roofline
+    the two models' times are bounded by."""
+    n = 2048
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    flops = 2 * n**3 / min(timed(lambda: mm(a), 5))
+    big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB, read once per call
+    total = jax.jit(jnp.sum)
+    bandwidth = big.nbytes / min(timed(lambda: total(big), 5))
+    return flops, bandwidth
+
+
 def measure(llm, vision_fn, embeds, runs: int, new_tokens: int) -> dict:
     """Times vision, prefill and decode of one model; `embeds` `[1, P, D]` is its prompt."""
     P = embeds.shape[1]
@@ -168,6 +181,18 @@ def main() -> None:
     for name, key, fmt in rows:
         cell = lambda m: fmt.format(*(m[k] for k in key)) if isinstance(key, tuple) else fmt.format(m[key])  # noqa: E731
         print(f"{name:28s} {cell(teacher_m):>24s} {cell(student_m):>24s}")
+    peak, bandwidth = device_peaks(dtype)
+    # Roofline time per phase (ms): compute- or memory-bound, whichever is slower. A prefill also
+    # reads every weight once; a short prompt (the student's) is memory-bound, not compute-bound.
+    roof = {name: {"prefill": 1e3 * max(m["prefill_flops"] / peak, m["decode_bytes"] / bandwidth),
+                   "decode": 1e3 * m["decode_bytes"] / bandwidth}
+            for name, m in (("teacher", teacher_m), ("student", student_m))}
+    print(f"\ndevice roofline (measured): matmul {peak / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s")
+    for phase in ("prefill", "decode"):
+        t, s_ = roof["teacher"][phase], roof["student"][phase]
+        print(f"  {phase}: roofline teacher {t:.1f} ms, student {s_:.1f} ms -> bound {t / s_:.2f}x; "
+              f"measured at {t / teacher_m[f'{phase}_p50']:.0%} (teacher) and "
+              f"{s_ / student_m[f'{phase}_p50']:.0%} (student) of their rooflines")
     decode_ratio = teacher_m["decode_p50"] / student_m["decode_p50"]
     decode_bound = teacher_m["decode_bytes"] / student_m["decode_bytes"]
     prefill_ratio = teacher_m["prefill_p50"] / student_m["prefill_p50"]
