@@ -1,8 +1,10 @@
 """The one attention entry point every model calls (DESIGN.md §6).
 
-`attention(q, k, v, ...)` dispatches on `implementation`; `"xla"` is the plain reference below.
-A Pallas kernel (flash, segment ids, causal/bidirectional) plugs in here under another name
-without touching the models.
+`attention(q, k, v, ...)` dispatches on `implementation`: `"xla"` is the plain reference below;
+`"pallas"` our flash-attention kernel (`flash_attention.py`; interpreted on CPU, so it is
+testable everywhere); `"auto"` the kernel on TPU and GPU, XLA on CPU. A case the kernel does not
+cover (an explicit boolean `mask`, a head_dim it lacks) falls back to XLA with one warning,
+never silently wrong.
 
 Layout: q `[batch, q_len, heads, head_dim]`, k and v `[batch, kv_len, kv_heads, head_dim]` with
 `heads % kv_heads == 0` (grouped-query attention: head h reads kv head `h // (heads // kv_heads)`).
@@ -10,10 +12,20 @@ Layout: q `[batch, q_len, heads, head_dim]`, k and v `[batch, kv_len, kv_heads, 
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas", "auto")
+_WARNED: set[str] = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"attention: the Pallas kernel does not cover {reason}; using XLA attention",
+                      stacklevel=3)
 
 
 def attention(
@@ -46,6 +58,17 @@ def attention(
             f"attention implementation {implementation!r} is not available; choose one of "
             f"{IMPLEMENTATIONS}"
         )
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    if implementation == "pallas":
+        from spatial_distill.kernels import flash_attention
+
+        why = "an explicit boolean mask" if mask is not None else flash_attention.supported(q.shape, k.shape)
+        if why is None:
+            return flash_attention.flash_attention(
+                q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions, kv_positions=kv_positions, scale=scale)
+        _fallback(why)
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
