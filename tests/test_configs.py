@@ -33,6 +33,7 @@ def test_config_is_locked_against_typos():
     ("data.image_size", 100, r"config.data.image_size = 100: must be a positive multiple"),
     ("mode", "fly", r"config.mode = 'fly': must be one of"),
     ("tokenizer.vocab_size", 1000, r"config.tokenizer.vocab_size = 1000"),
+    ("model.attention", "flash9", r"config.model.attention = 'flash9': choose one of"),
     ("teacher.kind", "gpt4", r"config.teacher.kind = 'gpt4': choose oracle .*, llava3d .* or hf"),
     ("teacher.kind", "llava3d", r"config.teacher.path = None: teacher.kind='llava3d' needs a local"),
     ("teacher.geometry", "lidar", r"config.teacher.geometry = 'lidar': choose sensor or vggt"),

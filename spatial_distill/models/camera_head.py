@@ -96,7 +96,8 @@ class CameraHead(nnx.Module):
     `pose_branch.fc{1,2}`) and `adaln_norm`, which has no parameters.
     """
 
-    def __init__(self, cfg: CameraHeadConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: CameraHeadConfig, *, param_dtype=jnp.float32, attention_impl: str = "xla",
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         dim, pd = cfg.dim_in, param_dtype
         # float32 whatever dtype the aggregator ran in; float64 parameters give a float64 head.
@@ -105,7 +106,7 @@ class CameraHead(nnx.Module):
         self.token_norm = layer_norm(dim, 1e-5, dt, pd, rngs)
         self.trunk = nnx.List([
             Block(dim, cfg.num_heads, cfg.mlp_ratio, init_values=cfg.init_values, norm_eps=1e-5,
-                  **kw)
+                  attention_impl=attention_impl, **kw)
             for _ in range(cfg.trunk_depth)
         ])
         self.trunk_norm = layer_norm(dim, 1e-5, dt, pd, rngs)

@@ -51,6 +51,7 @@ class CLIPVisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    attention: str = "xla"  # kernels.attention implementation
     dtype: Any = jnp.float32  # compute dtype (LayerNorm statistics in at least float32)
     param_dtype: Any = jnp.float32
 
@@ -66,6 +67,10 @@ class CLIPVisionConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
+        from spatial_distill.kernels.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"CLIPVisionConfig.attention={self.attention!r}: choose one of {IMPLEMENTATIONS}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"CLIPVisionConfig.hidden_act={self.hidden_act!r} is not supported; "
                              f"choose one of {sorted(_ACTIVATIONS)}")
@@ -156,7 +161,8 @@ class EncoderLayer(nnx.Module):
         k = jnp.einsum("btd,dhk->bthk", h, self.k[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("btd,dhk->bthk", h, self.v[...].astype(dt)) + self.v_bias[...].astype(dt)
         names = ("activation_batch", "activation_length", "activation_heads", None)
-        a = attention(constrain(q, names), constrain(k, names), constrain(v, names))
+        a = attention(constrain(q, names), constrain(k, names), constrain(v, names),
+                      implementation=c.attention)
         a = jnp.einsum("bthk,hkd->btd", a, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
         x = x.astype(res) + a.astype(res)
         h = self.layer_norm2(x).astype(dt)

@@ -29,6 +29,7 @@ class DetHeadConfig:
     num_layers: int = 3
     num_heads: int = 8
     mlp_ratio: float = 4.0
+    attention: str = "xla"  # kernels.attention implementation
 
     def __post_init__(self):
         for f in ("num_queries", "num_classes", "dim", "num_layers", "num_heads"):
@@ -51,8 +52,8 @@ def _norm(dim, rngs):
 
 
 class _MultiHeadAttention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
-        self.num_heads = num_heads
+    def __init__(self, dim: int, num_heads: int, *, attention_impl: str = "xla", rngs: nnx.Rngs):
+        self.num_heads, self.attention_impl = num_heads, attention_impl
         self.q = _dense(dim, dim, ("embed", "heads"), rngs)
         self.k = _dense(dim, dim, ("embed", "heads"), rngs)
         self.v = _dense(dim, dim, ("embed", "heads"), rngs)
@@ -62,8 +63,11 @@ class _MultiHeadAttention(nnx.Module):
         """x [B, Nq, D], context [B, N, D], context_mask [B, N] bool -> [B, Nq, D]."""
         b, n, d = x.shape
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        out = attention(split(self.q(x)), split(self.k(context)), split(self.v(context)), mask=mask)
+        # The key-padding mask as segment ids (queries 1, padded keys 0), which the kernels take.
+        seg = None if context_mask is None else context_mask.astype(jnp.int32)
+        out = attention(split(self.q(x)), split(self.k(context)), split(self.v(context)),
+                        q_segment_ids=None if seg is None else jnp.ones((b, n), jnp.int32),
+                        kv_segment_ids=seg, implementation=self.attention_impl)
         return self.o(out.reshape(b, n, d))
 
 
@@ -71,8 +75,8 @@ class _DecoderLayer(nnx.Module):
     def __init__(self, cfg: DetHeadConfig, *, rngs: nnx.Rngs):
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.norm_self, self.norm_cross, self.norm_mlp = (_norm(cfg.dim, rngs) for _ in range(3))
-        self.self_attn = _MultiHeadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
-        self.cross_attn = _MultiHeadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
+        self.self_attn = _MultiHeadAttention(cfg.dim, cfg.num_heads, attention_impl=cfg.attention, rngs=rngs)
+        self.cross_attn = _MultiHeadAttention(cfg.dim, cfg.num_heads, attention_impl=cfg.attention, rngs=rngs)
         self.fc1 = _dense(cfg.dim, hidden, ("embed", "mlp"), rngs)
         self.fc2 = _dense(hidden, cfg.dim, ("mlp", "embed"), rngs)
 

@@ -92,11 +92,12 @@ class LLaVA3DConfig:
 
     @classmethod
     def from_json(cls, config, clip_config=None, *, dtype=jnp.float32, param_dtype=None,
-                  **llama_overrides) -> LLaVA3DConfig:
+                  attention: str = "xla", **llama_overrides) -> LLaVA3DConfig:
         """From the checkpoint's config.json (dict or path; `llava_llama`), or a fixture-style
         dict (`llava_config`, `clip_vision_config`, `video_tower`). `clip_config`: the CLIP
         checkpoint's config (dict / path / `CLIPVisionConfig`); None takes the fixture's
-        `clip_vision_config`, else ViT-L/14-336 when `mm_vision_tower` names it.
+        `clip_vision_config`, else ViT-L/14-336 when `mm_vision_tower` names it. `attention`:
+        the `kernels.attention` implementation of both towers.
 
         Fields the spec could not verify are read and checked, never assumed: a missing one is
         an error naming it."""
@@ -151,13 +152,15 @@ class LLaVA3DConfig:
         compute = jnp.dtype(dtype)
         params = compute if param_dtype is None else jnp.dtype(param_dtype)
         if isinstance(clip_config, clip_lib.CLIPVisionConfig):
-            clip = dataclasses.replace(clip_config, dtype=compute, param_dtype=params)
+            clip = dataclasses.replace(clip_config, dtype=compute, param_dtype=params, attention=attention)
         else:
-            clip = clip_lib.CLIPVisionConfig.from_hf(clip_config, dtype=compute, param_dtype=params)
+            clip = clip_lib.CLIPVisionConfig.from_hf(clip_config, dtype=compute, param_dtype=params,
+                                                     attention=attention)
         if clip.hidden_size != mm_hidden:
             raise ValueError(f"{where}: mm_hidden_size={mm_hidden} but the CLIP tower's width is "
                              f"{clip.hidden_size}; the config and the CLIP checkpoint disagree")
-        llama = llama_lib.LlamaConfig.from_hf(d, dtype=compute, param_dtype=params, **llama_overrides)
+        llama = llama_lib.LlamaConfig.from_hf(d, dtype=compute, param_dtype=params, attention_impl=attention,
+                                              **llama_overrides)
         return cls(llama=llama, clip=clip, select_layer=int(select_layer),
                    select_feature=select_feature, image_aspect_ratio=aspect,
                    max_length=int(max_length), num_frames=int(d.get("num_frames", 20)),
@@ -549,7 +552,7 @@ def count_params(model: nnx.Module) -> int:
 
 
 def load_official(path_or_state_dict, config=None, dtype=jnp.float32, *, clip=None,
-                  param_dtype=None, **llama_overrides) -> LLaVA3D:
+                  param_dtype=None, attention: str = "xla", **llama_overrides) -> LLaVA3D:
     """LLaVA-3D from its official checkpoint.
 
     Args:
@@ -562,7 +565,8 @@ def load_official(path_or_state_dict, config=None, dtype=jnp.float32, *, clip=No
       clip: the CLIP ViT-L/14-336 checkpoint (a local directory or file, as upstream loads
         `mm_vision_tower` separately), or None to take the tower from the checkpoint's own
         `model.vision_tower.*` keys. With `clip`, those keys are ignored, as upstream does.
-      llama_overrides: LlamaConfig fields (scan_layers, attention_impl, remat_policy).
+      attention: `kernels.attention` implementation of both towers (xla | pallas | auto).
+      llama_overrides: LlamaConfig fields (scan_layers, remat_policy).
     Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
     """
     if config is None:
@@ -577,7 +581,7 @@ def load_official(path_or_state_dict, config=None, dtype=jnp.float32, *, clip=No
         if clip is not None and not isinstance(clip, Mapping) and os.path.isdir(os.fspath(clip)):
             clip_config = os.path.join(os.fspath(clip), "config.json")
         cfg = LLaVA3DConfig.from_json(config, clip_config, dtype=dtype, param_dtype=param_dtype,
-                                      **llama_overrides)
+                                      attention=attention, **llama_overrides)
     tensors, source = read_checkpoint(path_or_state_dict)
     sd = StateDict(tensors, source)
     clip_sd, clip_prefix = None, ""

@@ -91,6 +91,9 @@ class StudentConfig:
     camera_trains_trunk: bool = True
     vision_dtype: str = "float32"  # aggregator compute dtype; heads run in float32 regardless
     remat_vision: bool = False
+    # kernels.attention implementation of the VGGT encoder and the camera head (the decoder's
+    # and detection head's are in their own configs; `config_from` sets all from model.attention).
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.latent_position not in LATENT_POSITIONS:
@@ -206,8 +209,9 @@ class Student(nnx.Module):
         with nnx.var_defaults(ref=True):
             fast = nnx.Rngs(params=rngs.params())
         self.aggregator = Aggregator(cfg.aggregator, cfg.patch_embed, dtype=jnp.dtype(cfg.vision_dtype),
-                                     remat=cfg.remat_vision, rngs=fast)
-        self.camera_head = CameraHead(cfg.camera_head, rngs=fast) if cfg.camera_head else None
+                                     remat=cfg.remat_vision, attention_impl=cfg.attention, rngs=fast)
+        self.camera_head = (CameraHead(cfg.camera_head, attention_impl=cfg.attention, rngs=fast)
+                            if cfg.camera_head else None)
         self.object_head = ObjectHead(cfg.object_head, vision_width, rngs=fast) if cfg.object_head else None
         token_width = vision_width + (cfg.object_head.num_features if cfg.object_head else 0)
         self.proj_in = _dense(token_width, d, ("embed", "mlp"), fast)
@@ -593,7 +597,7 @@ def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=Non
         rope_theta=d.rope_theta, rms_norm_eps=d.rms_norm_eps,
         max_position_embeddings=d.max_position_embeddings,
         tie_word_embeddings=d.tie_word_embeddings, scan_layers=d.scan_layers,
-        remat_policy=d.remat_policy, dtype=d.dtype)
+        remat_policy=d.remat_policy, dtype=d.dtype, attention_impl=model.attention)
     depth = None
     if model.depth_head.enabled:
         depth = DPTConfig(dim_in=2 * v.embed_dim, features=model.depth_head.features,
@@ -604,7 +608,7 @@ def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=Non
     if model.det_head.enabled:
         h = model.det_head
         det = DetHeadConfig(num_queries=h.num_queries, num_classes=h.num_classes, dim=h.dim,
-                            num_layers=h.num_layers, num_heads=h.num_heads)
+                            num_layers=h.num_layers, num_heads=h.num_heads, attention=model.attention)
     camera = obj = None
     if model.object_head.enabled:
         o = model.object_head
@@ -633,7 +637,7 @@ def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=Non
                          num_latents=model.num_latents, latent_position=model.latent_position,
                          freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
                          camera_trains_trunk=bool(model.object_head.camera_trains_trunk),
-                         vision_dtype=v.dtype, remat_vision=v.remat)
+                         vision_dtype=v.dtype, remat_vision=v.remat, attention=model.attention)
 
 
 def create(cfg: StudentConfig, seed: int = 0, *, abstract: bool = False) -> Student:

@@ -148,6 +148,7 @@ class VGGTConfig:
     remat: bool = False  # rematerialise every block in the backward pass
     dtype: str = "float32"  # aggregator compute dtype (heads are float32)
     param_dtype: str = "float32"
+    attention: str = "xla"  # kernels.attention implementation of every block
 
     def __post_init__(self):
         for f in ("dtype", "param_dtype"):
@@ -234,7 +235,8 @@ def _np(v: nnx.Variable) -> np.ndarray:
 class DinoPatchEmbed(nnx.Module):
     """DINOv2 ViT with registers. `[N, H, W, 3]` normalized images -> `[N, h*w, C]` normed patch tokens."""
 
-    def __init__(self, cfg: PatchEmbedConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: PatchEmbedConfig, *, dtype, param_dtype, attention_impl: str = "xla",
+                 rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
         c, p, g = cfg.embed_dim, cfg.patch_size, cfg.img_size // cfg.patch_size
         self.grid = g
@@ -253,7 +255,8 @@ class DinoPatchEmbed(nnx.Module):
         self.blocks = nnx.List([
             Block(c, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
                   ffn_bias=cfg.ffn_bias, qk_norm=cfg.qk_norm, init_values=cfg.init_values or None,
-                  norm_eps=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  norm_eps=1e-6, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                  rngs=rngs)
             for _ in range(cfg.depth)])
         self.norm = layer_norm(c, 1e-6, dtype, param_dtype, rngs)
 
@@ -325,10 +328,11 @@ class Aggregator(nnx.Module):
     """
 
     def __init__(self, cfg: AggregatorConfig, vit: PatchEmbedConfig, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, remat=False, attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
         c, r = cfg.embed_dim, cfg.num_register_tokens
-        self.patch_embed = DinoPatchEmbed(vit, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = DinoPatchEmbed(vit, dtype=dtype, param_dtype=param_dtype,
+                                          attention_impl=attention_impl, rngs=rngs)
         tok = nnx.initializers.normal(1e-6)
         # Slot 0 serves frame 0 of every sequence (it defines the world frame), slot 1 the rest.
         self.camera_token = _param(rngs, tok, (1, 2, 1, c), (None, None, None, "embed"), param_dtype)
@@ -338,7 +342,8 @@ class Aggregator(nnx.Module):
             return Block(c, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                          proj_bias=cfg.proj_bias, ffn_bias=cfg.ffn_bias, qk_norm=cfg.qk_norm,
                          init_values=cfg.init_values, norm_eps=1e-5, rope_freq=cfg.rope_freq,
-                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                         dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                         rngs=rngs)
 
         self.frame_blocks = nnx.List([block() for _ in range(cfg.depth)])
         self.global_blocks = nnx.List([block() for _ in range(cfg.depth)])
@@ -449,8 +454,9 @@ class VGGT(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.aggregator = Aggregator(cfg.aggregator, cfg.aggregator_patch_embed_vit,
                                      dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, remat=cfg.remat,
-                                     rngs=rngs)
-        self.camera_head = CameraHead(cfg.camera_head, param_dtype=pdt, rngs=rngs) if cfg.enable_camera else None
+                                     attention_impl=cfg.attention, rngs=rngs)
+        self.camera_head = (CameraHead(cfg.camera_head, param_dtype=pdt, attention_impl=cfg.attention,
+                                       rngs=rngs) if cfg.enable_camera else None)
         self.point_head = DPTHead(cfg.point_head, param_dtype=pdt, rngs=rngs) if cfg.enable_point else None
         self.depth_head = DPTHead(cfg.depth_head, param_dtype=pdt, rngs=rngs) if cfg.enable_depth else None
 

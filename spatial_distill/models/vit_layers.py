@@ -147,11 +147,11 @@ class Attention(nnx.Module):
 
     def __init__(self, dim, num_heads, *, qkv_bias=True, proj_bias=True, qk_norm=False,
                  norm_eps=1e-5, rope_freq: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.rope_freq, self.dtype = rope_freq, dtype
+        self.rope_freq, self.dtype, self.attention_impl = rope_freq, dtype, attention_impl
         hd = self.head_dim
         qkv_init = _fan_in_init(in_axis=0, out_axis=(1, 2, 3))
         self.qkv_kernel = nnx.Param(nnx.with_partitioning(qkv_init, ("embed", None, "heads", "head_dim"))(
@@ -179,7 +179,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_freq is not None and pos is not None:
             q, k = rope_2d(q, pos, self.rope_freq), rope_2d(k, pos, self.rope_freq)
-        o = attention(q.astype(dt), k.astype(dt), v, scale=self.head_dim**-0.5)
+        o = attention(q.astype(dt), k.astype(dt), v, scale=self.head_dim**-0.5,
+                      implementation=self.attention_impl)
         out = jnp.einsum("bnhd,hdc->bnc", o, self.proj_kernel.get_value().astype(dt))
         if self.proj_bias is not None:
             out = out + self.proj_bias.get_value().astype(dt)
@@ -232,12 +233,13 @@ class Block(nnx.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, *, qkv_bias=True, proj_bias=True,
                  ffn_bias=True, qk_norm=False, init_values: float | None = None,
                  norm_eps=1e-5, rope_freq: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs):
         self.dtype = dtype
         self.norm1 = layer_norm(dim, norm_eps, dtype, param_dtype, rngs)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
                               qk_norm=qk_norm, norm_eps=norm_eps, rope_freq=rope_freq,
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                              dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                              rngs=rngs)
         self.norm2 = layer_norm(dim, norm_eps, dtype, param_dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)

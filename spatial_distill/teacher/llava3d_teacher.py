@@ -256,7 +256,8 @@ def load(config, tokenizer: Tokenizer) -> LLaVA3DTeacher:
                          "LLaVA-3D checkpoint directory (config.json + safetensors)")
     if not os.path.isdir(t.path):
         raise FileNotFoundError(f"config.teacher.path={t.path!r} is not a directory")
-    model = llava3d.load_official(t.path, dtype=jnp.dtype(t.dtype), clip=t.clip_path or None)
+    model = llava3d.load_official(t.path, dtype=jnp.dtype(t.dtype), clip=t.clip_path or None,
+                                  attention=config.model.attention)
     with open(os.path.join(t.path, "config.json")) as f:
         name = json.load(f).get("_name_or_path") or os.path.basename(os.path.normpath(t.path))
     predict = None
