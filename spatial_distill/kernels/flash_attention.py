@@ -40,17 +40,26 @@ def _pad(x, axis: int, size: int, value=0):
 
 
 def _visible(qseg, kseg, qpos, kpos, causal: bool):
-    vis = qseg[:, None] == kseg[None, :]
+    """qseg/qpos columns `[bq, 1]`, kseg/kpos rows `[1, bk]` -> `[bq, bk]` (no transposes: the
+    layouts Mosaic keeps in registers)."""
+    vis = qseg == kseg
     if causal:
-        vis &= kpos[None, :] <= qpos[:, None]
+        vis &= kpos <= qpos
     return vis
 
+
+def _dot(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+# Vectors per position ride as 2-D blocks whose last two dimensions Mosaic can tile: query-side
+# ones as columns `[L, 1]`, key-side ones as rows `[1, L]`, softmax statistics as columns.
 
 # -- forward -----------------------------------------------------------------------------------
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref, o_ref, lse_ref, *,
                 scale: float, causal: bool, block_k: int, num_k_blocks: int):
     q = q_ref[...].astype(jnp.float32)  # [bq, D]
-    qseg, qpos = qseg_ref[...], qpos_ref[...]
+    qseg, qpos = qseg_ref[...], qpos_ref[...]  # [bq, 1]
     bq, d = q.shape
 
     def body(j, carry):
@@ -58,47 +67,47 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref, o_r
         ks = pl.ds(j * block_k, block_k)
         k = k_ref[ks, :].astype(jnp.float32)
         v = v_ref[ks, :]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        vis = _visible(qseg, kseg_ref[ks], qpos, kpos_ref[ks], causal)
+        s = _dot(q, k, ((1,), (1,))) * scale  # [bq, bk]
+        vis = _visible(qseg, kseg_ref[:, ks], qpos, kpos_ref[:, ks], causal)
         s = jnp.where(vis, s, NEG)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+        p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m - m_new)
-        l = alpha * l + p.sum(axis=-1)
-        acc = alpha[:, None] * acc + jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        l = alpha * l + p.sum(axis=-1, keepdims=True)
+        acc = alpha * acc + _dot(p.astype(v.dtype), v, ((1,), (0,)))
         return m_new, l, acc
 
-    init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
+    init = (jnp.full((bq, 1), NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros((bq, d), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, num_k_blocks, body, init)
     seen = l > 0
-    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
+    safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen, acc / safe, 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe), NEG)
 
 
-def _specs(bq, bk, lq, lk, d, groups):
-    """BlockSpecs over the grid (batch, head, block): q-side blocks, whole k/v rows of the kv head."""
-    qblk = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
-    kfull = pl.BlockSpec((None, None, lk, d), lambda b, h, i: (b, h // groups, 0, 0))
-    qrow = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
-    krow = pl.BlockSpec((None, lk), lambda b, h, i: (b, 0))
-    return qblk, kfull, qrow, krow
+def _specs(bq, lq, lk, d, groups):
+    """BlockSpecs over the grid (batch, head, query block)."""
+    return dict(
+        qblk=pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
+        kfull=pl.BlockSpec((None, None, lk, d), lambda b, h, i: (b, jax.lax.div(h, groups), 0, 0)),
+        qcol=pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0)),
+        krow=pl.BlockSpec((None, 1, lk), lambda b, h, i: (b, 0, 0)),
+        stat=pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)))
 
 
 def _forward(q, k, v, qseg, kseg, qpos, kpos, *, scale, causal, block_q, block_k, interpret):
+    """q `[B, H, Lq, D]`, k/v `[B, Hk, Lk, D]`, qseg/qpos `[B, Lq, 1]`, kseg/kpos `[B, 1, Lk]`."""
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
-    groups = H // Hk
-    qblk, kfull, qrow, krow = _specs(block_q, block_k, Lq, Lk, D, groups)
+    sp = _specs(block_q, Lq, Lk, D, H // Hk)
     kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, block_k=block_k,
                                num_k_blocks=Lk // block_k)
-    lse_spec = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
     return pl.pallas_call(
         kernel, grid=(B, H, Lq // block_q),
-        in_specs=[qblk, kfull, kfull, qrow, krow, qrow, krow],
-        out_specs=[qblk, lse_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Lq), jnp.float32)],
+        in_specs=[sp["qblk"], sp["kfull"], sp["kfull"], sp["qcol"], sp["krow"], sp["qcol"], sp["krow"]],
+        out_specs=[sp["qblk"], sp["stat"]],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Lq, 1), jnp.float32)],
         interpret=interpret, name="flash_attention_fwd",
     )(q, k, v, qseg, kseg, qpos, kpos)
 
@@ -108,20 +117,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref, do_r
                dq_ref, *, scale, causal, block_k, num_k_blocks):
     q = q_ref[...].astype(jnp.float32)
     do = do_ref[...].astype(jnp.float32)
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
     qseg, qpos = qseg_ref[...], qpos_ref[...]
 
     def body(j, dq):
         ks = pl.ds(j * block_k, block_k)
         k = k_ref[ks, :].astype(jnp.float32)
         v = v_ref[ks, :].astype(jnp.float32)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        vis = _visible(qseg, kseg_ref[ks], qpos, kpos_ref[ks], causal)
-        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[:, None])
-        return dq + jax.lax.dot_general(ds, k, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32) * scale
+        s = _dot(q, k, ((1,), (1,))) * scale
+        vis = _visible(qseg, kseg_ref[:, ks], qpos, kpos_ref[:, ks], causal)
+        p = jnp.where(vis, jnp.exp(s - lse), 0.0)
+        ds = p * (_dot(do, v, ((1,), (1,))) - delta)
+        return dq + _dot(ds, k, ((1,), (0,))) * scale
 
     dq = jax.lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -131,22 +138,19 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kseg_ref, qseg_
                 dk_ref, dv_ref, *, scale, causal, block_q, num_q_blocks):
     k = k_ref[...].astype(jnp.float32)  # [bk, D]
     v = v_ref[...].astype(jnp.float32)
-    kseg, kpos = kseg_ref[...], kpos_ref[...]
+    kseg, kpos = kseg_ref[...], kpos_ref[...]  # [1, bk]
 
     def body(i, carry):
         dk, dv = carry
         qs = pl.ds(i * block_q, block_q)
         q = q_ref[qs, :].astype(jnp.float32)
         do = do_ref[qs, :].astype(jnp.float32)
-        lse, delta = lse_ref[qs], delta_ref[qs]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        vis = _visible(qseg_ref[qs], kseg, qpos_ref[qs], kpos, causal)
-        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
-        dv = dv + jax.lax.dot_general(p, do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[:, None])
-        dk = dk + jax.lax.dot_general(ds, q, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32) * scale
+        s = _dot(q, k, ((1,), (1,))) * scale  # [bq, bk]
+        vis = _visible(qseg_ref[qs, :], kseg, qpos_ref[qs, :], kpos, causal)
+        p = jnp.where(vis, jnp.exp(s - lse_ref[qs, :]), 0.0)
+        dv = dv + _dot(p, do, ((0,), (0,)))
+        ds = p * (_dot(do, v, ((1,), (1,))) - delta_ref[qs, :])
+        dk = dk + _dot(ds, q, ((0,), (0,))) * scale
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -159,27 +163,27 @@ def _backward(q, k, v, qseg, kseg, qpos, kpos, o, lse, do, *, scale, causal, blo
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     groups = H // Hk
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, Lq]
-    qblk, kfull, qrow, krow = _specs(block_q, block_k, Lq, Lk, D, groups)
-    stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, Lq, 1]
+    sp = _specs(block_q, Lq, Lk, D, groups)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=block_k, num_k_blocks=Lk // block_k),
         grid=(B, H, Lq // block_q),
-        in_specs=[qblk, kfull, kfull, qrow, krow, qrow, krow, qblk, stat, stat],
-        out_specs=qblk, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=[sp["qblk"], sp["kfull"], sp["kfull"], sp["qcol"], sp["krow"], sp["qcol"], sp["krow"],
+                  sp["qblk"], sp["stat"], sp["stat"]],
+        out_specs=sp["qblk"], out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret, name="flash_attention_dq",
     )(q, k, v, qseg, kseg, qpos, kpos, do, lse, delta)
     # dk, dv per query head over key blocks; a group's query heads are summed below.
-    kblk = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, h // groups, j, 0))
+    kblk = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, jax.lax.div(h, groups), j, 0))
     kout = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, h, j, 0))
     qfull = pl.BlockSpec((None, None, Lq, D), lambda b, h, j: (b, h, 0, 0))
-    sfull = pl.BlockSpec((None, None, Lq), lambda b, h, j: (b, h, 0))
-    krow_blk = pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))
-    qrow_full = pl.BlockSpec((None, Lq), lambda b, h, j: (b, 0))
+    sfull = pl.BlockSpec((None, None, Lq, 1), lambda b, h, j: (b, h, 0, 0))
+    krow = pl.BlockSpec((None, 1, block_k), lambda b, h, j: (b, 0, j))
+    qcol = pl.BlockSpec((None, Lq, 1), lambda b, h, j: (b, 0, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q, num_q_blocks=Lq // block_q),
         grid=(B, H, Lk // block_k),
-        in_specs=[kblk, kblk, qfull, qfull, sfull, sfull, krow_blk, qrow_full, krow_blk, qrow_full],
+        in_specs=[kblk, kblk, qfull, qfull, sfull, sfull, krow, qcol, krow, qcol],
         out_specs=[kout, kout],
         out_shape=[jax.ShapeDtypeStruct((B, H, Lk, D), jnp.float32)] * 2,
         interpret=interpret, name="flash_attention_dkv",
@@ -239,9 +243,10 @@ def flash_attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_seg
     qseg = jnp.zeros((B, Lq), jnp.int32) if q_segment_ids is None else q_segment_ids
     kseg = jnp.zeros((B, Lk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
     t = lambda x, n: _pad(jnp.swapaxes(x, 1, 2), 2, n)  # noqa: E731 - [B, L, H, D] -> [B, H, L, D]
-    o = _flash(t(q, lq), t(k, lk), t(v, lk), _pad(qseg.astype(jnp.int32), 1, lq),
-               _pad(kseg.astype(jnp.int32), 1, lk, PAD_SEGMENT), _pad(qpos.astype(jnp.int32), 1, lq),
-               _pad(kpos.astype(jnp.int32), 1, lk), scale, bool(causal), bq, bk, bool(interpret))
+    col = lambda x, n, fill=0: _pad(x.astype(jnp.int32), 1, n, fill)[:, :, None]  # noqa: E731 [B, L, 1]
+    row = lambda x, n, fill=0: _pad(x.astype(jnp.int32), 1, n, fill)[:, None, :]  # noqa: E731 [B, 1, L]
+    o = _flash(t(q, lq), t(k, lk), t(v, lk), col(qseg, lq), row(kseg, lk, PAD_SEGMENT), col(qpos, lq),
+               row(kpos, lk), scale, bool(causal), bq, bk, bool(interpret))
     return jnp.swapaxes(o[:, :, :Lq], 1, 2)
 
 
