@@ -108,3 +108,25 @@ def test_dispatch_and_named_fallback(recwarn):
     assert attention(q, k, v, implementation="auto").shape == q.shape  # CPU: XLA
     with pytest.raises(ValueError, match="'flash3' is not available"):
         attention(q, k, v, implementation="flash3")
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(128, 4, 4, jnp.bfloat16), (64, 8, 2, jnp.float32)])
+def test_lowers_through_mosaic_for_tpu(head_dim, heads, kv_heads, dtype):
+    """With libtpu installed (the `[tpu]` extra; no TPU needed), the kernel's forward and backward
+    compile for a v5e chip: Mosaic accepts the block shapes, layouts and loops."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    place = jax.sharding.SingleDeviceSharding(device)
+    q = jax.ShapeDtypeStruct((1, 384, heads, head_dim), dtype, sharding=place)
+    kv = jax.ShapeDtypeStruct((1, 384, kv_heads, head_dim), dtype, sharding=place)
+    seg = jax.ShapeDtypeStruct((1, 384), jnp.int32, sharding=place)
+
+    def f(q, k, v, s):
+        return flash_attention(q, k, v, causal=True, q_segment_ids=s, kv_segment_ids=s, interpret=False)
+
+    fwd = jax.jit(f).lower(q, kv, kv, seg).compile()
+    assert fwd.memory_analysis().temp_size_in_bytes > 0
+    loss = lambda q, k, v, s: f(q, k, v, s).astype(jnp.float32).sum()  # noqa: E731
+    jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, kv, kv, seg).compile()
