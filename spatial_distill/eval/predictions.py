@@ -42,14 +42,19 @@ def _done_samples(out_dir: str, identity: dict) -> set[str]:
     paths = {n: os.path.join(out_dir, n) for n in (PREDICTIONS, SAMPLES, PROGRESS)}
     old = None
     if os.path.exists(paths[PROGRESS]):
-        with open(paths[PROGRESS]) as f:
-            old = json.load(f)
+        try:
+            with open(paths[PROGRESS]) as f:
+                old = json.load(f)
+        except json.JSONDecodeError:
+            old = None  # unreadable: start over
     if old != identity:
         for p in paths.values():
             if os.path.exists(p):
                 os.remove(p)
-        with open(paths[PROGRESS], "w") as f:
+        tmp = paths[PROGRESS] + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(identity, f)
+        os.replace(tmp, paths[PROGRESS])
         return set()
     done = set()
     if os.path.exists(paths[SAMPLES]):
