@@ -180,8 +180,10 @@ def _unparsable(kind: str, answer: str) -> bool:
 
 def score(out_dir: str, *, class_names=None) -> tuple[dict, list[str]]:
     """Every metric from `out_dir`'s predictions; returns (flat metrics, notes on what was skipped)."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, PREDICTIONS))]
-    samples = [json.loads(line) for line in open(os.path.join(out_dir, SAMPLES))]
+    with open(os.path.join(out_dir, PREDICTIONS)) as f:
+        rows = [json.loads(line) for line in f]
+    with open(os.path.join(out_dir, SAMPLES)) as f:
+        samples = [json.loads(line) for line in f]
     if not rows:
         raise ValueError(f"{out_dir}: no questions were evaluated (is the split empty?)")
     notes: list[str] = []

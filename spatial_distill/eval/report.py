@@ -95,7 +95,7 @@ def _curves(workdir: str, out_dir: str) -> str | None:
     return name
 
 
-def _sample_figure(sample, rows: list[dict], heads: dict, b: int, out_dir: str, index: int) -> str:
+def _sample_figure(sample, heads: dict, b: int, out_dir: str, index: int) -> str:
     S = sample.num_views
     depth_pred = heads.get("depth")
     cols = S + (2 if depth_pred is not None else 0)
@@ -163,7 +163,7 @@ def write(eval_dir: str, workdir: str, metrics: dict, notes: list[str], examples
                   "Ground-truth boxes in green, predicted boxes (detection head, score > 0.5) in red.", ""]
     for i, rec in enumerate(examples):
         rows = preds.get(rec.sample.sample_id, [])
-        pic = _sample_figure(rec.sample, rows, heads or {}, i, pics, i)
+        pic = _sample_figure(rec.sample, heads or {}, i, pics, i)
         lines += [f"### {rec.sample.sample_id}", "", f"![sample {i}](report/{pic})", "",
                   "| question | teacher | student | grounded |", "|---|---|---|---|"]
         for r in rows:

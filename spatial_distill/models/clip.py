@@ -17,7 +17,6 @@ Pixels are channels-last `[N, H, W, 3]` here (the caller transposes upstream's N
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from spatial_distill.kernels.attention import attention
-from spatial_distill.models.state_dict import StateDict, load_tensors
+from spatial_distill.models.state_dict import StateDict, load_tensors, read_config
 from spatial_distill.models.vit_layers import dense, export_layernorm, layer_norm, stat_dtype
 from spatial_distill.sharding import constrain
 
@@ -92,20 +91,7 @@ class CLIPVisionConfig:
         """From a `CLIPVisionConfig` / `CLIPConfig` (its `vision_config`), their dict, or a
         config.json path. Absent fields take transformers' `CLIPVisionConfig` defaults, as
         `from_pretrained` would."""
-        where = "clip config"
-        if isinstance(hf_config, (str, os.PathLike)):
-            path = os.fspath(hf_config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                d, where = json.load(f), path
-        elif isinstance(hf_config, Mapping):
-            d = dict(hf_config)
-        elif hasattr(hf_config, "to_dict"):
-            d, where = hf_config.to_dict(), type(hf_config).__name__
-        else:
-            raise TypeError(f"CLIPVisionConfig.from_hf: expected a config, dict or path, got "
-                            f"{type(hf_config).__name__}")
+        d, where = read_config(hf_config, "clip config")
         if "vision_config" in d:  # a full CLIPConfig
             d = dict(d["vision_config"] or {})
         model_type = d.get("model_type", "clip_vision_model")

@@ -21,7 +21,6 @@ casts back, then scales.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -33,7 +32,12 @@ import numpy as np
 from flax import nnx
 
 from spatial_distill.kernels import attention as attention_lib
-from spatial_distill.models.state_dict import CheckpointMismatchError, StateDict, load_tensors
+from spatial_distill.models.state_dict import (
+    CheckpointMismatchError,
+    StateDict,
+    load_tensors,
+    read_config,
+)
 from spatial_distill.sharding import constrain
 
 REMAT_POLICIES = {
@@ -115,19 +119,7 @@ class LlamaConfig:
         """From a `transformers.LlamaConfig`, its dict, or a config.json path (v4 or v5 layout;
         LLaVA's `llava_llama` too). `overrides` set the fields HF does not have (scan_layers,
         remat_policy, dtype, ...). Features this decoder does not compute are refused by name."""
-        if isinstance(hf_config, (str, os.PathLike)):
-            path = os.fspath(hf_config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                d, where = json.load(f), path
-        elif isinstance(hf_config, Mapping):
-            d, where = dict(hf_config), "hf config"
-        elif hasattr(hf_config, "to_dict"):
-            d, where = hf_config.to_dict(), type(hf_config).__name__
-        else:
-            raise TypeError(f"LlamaConfig.from_hf: expected a transformers config, dict or path, "
-                            f"got {type(hf_config).__name__}")
+        d, where = read_config(hf_config, "hf config")
 
         def refuse(field, value, fix):
             raise ValueError(f"{where}: {field}={value!r} is not supported by this Llama port; {fix}")

@@ -38,7 +38,12 @@ from flax import nnx
 
 from spatial_distill.models import clip as clip_lib
 from spatial_distill.models import llama as llama_lib
-from spatial_distill.models.state_dict import CheckpointMismatchError, StateDict, load_tensors
+from spatial_distill.models.state_dict import (
+    CheckpointMismatchError,
+    StateDict,
+    load_tensors,
+    read_config,
+)
 from spatial_distill.models.vit_layers import dense, export_layernorm, layer_norm, stat_dtype
 from spatial_distill.sharding import constrain
 
@@ -101,15 +106,7 @@ class LLaVA3DConfig:
 
         Fields the spec could not verify are read and checked, never assumed: a missing one is
         an error naming it."""
-        where = "llava config"
-        if isinstance(config, (str, os.PathLike)):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config, where = json.load(f), path
-        if not isinstance(config, Mapping):
-            raise TypeError(f"LLaVA3DConfig.from_json: expected a dict or path, got {type(config).__name__}")
+        config, where = read_config(config, "llava config")
         d = dict(config.get("llava_config", config))
         video = dict(config.get("video_tower", {}))
         if clip_config is None:  # the fixture's layout, or `config_json`'s

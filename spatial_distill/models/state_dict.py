@@ -12,11 +12,29 @@ mis-shaped key at once.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flax import nnx
+
+
+def read_config(config, default_where: str) -> tuple[dict, str]:
+    """A model config as a dict, from a config.json path (or its directory), a mapping, or a
+    transformers config object; returns (dict, where it came from, for error messages)."""
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return json.load(f), path
+    if isinstance(config, Mapping):
+        return dict(config), default_where
+    if hasattr(config, "to_dict"):
+        return config.to_dict(), type(config).__name__
+    raise TypeError(f"{default_where}: expected a config.json path, a dict or a transformers config, "
+                    f"got {type(config).__name__}")
 
 
 class CheckpointMismatchError(ValueError):
