@@ -13,6 +13,13 @@ fields cannot beat this by much, so below the goal here the vision side is the b
 
 Prints per-kind accuracy and the per-object errors (centre in metres, log-size L1, class
 accuracy).
+
+    python -m benchmarks.study_vision_ceiling --noise_sweep=0,0.02,0.05,0.1,0.15,0.2 [--scenes=200]
+
+answers the converse: how precise must the fields be? No model runs; every object is its exact
+solid with isotropic Gaussian noise of sigma metres on the centre (and sigma / 0.5 m on the
+log sizes, the shipped fields' ratio of log-size to centre error), decided by the same rules,
+beside how many pixels the gaps of the "not touching" questions span in their best view.
 """
 
 from __future__ import annotations
@@ -63,6 +70,66 @@ def solid(fields: np.ndarray, num_classes: int, pose0: np.ndarray, heading: floa
     return spatial_qa.Primitive(kind, pose0[:3, :3] @ centre + pose0[:3, 3], size, psi + heading)
 
 
+def noisy_ceiling(layouts, sigma: float, contact_tol: float, seed: int = 0) -> dict[str, float]:
+    """Per-kind accuracy when each object is its exact solid with N(0, sigma) on every centre
+    coordinate and N(0, sigma / 0.5) on every log size (kind and yaw exact)."""
+    rng = np.random.default_rng(seed)
+    right = {k: [] for k in KINDS}
+    for lay, qa in layouts:
+        noisy = [spatial_qa.Primitive(p.kind, p.center + rng.normal(0, sigma, 3),
+                                      p.size * np.exp(rng.normal(0, sigma / 0.5, 3)), p.yaw)
+                 for p in lay.prims]
+        for p in noisy:  # keep the kinds' shape constraints
+            if p.kind == "sphere":
+                p.size[:] = p.size.mean()
+            elif p.kind == "cylinder":
+                p.size[:2] = p.size[:2].mean()
+        for q in qa:
+            if q.kind in right:
+                s, r = q.subjects
+                yes = decide(relation_name(q, lay.names), noisy[s], noisy[r], lay.cam_to_world[0], contact_tol)
+                right[q.kind].append(float(yes == (q.answer == "yes")))
+    return {k: float(np.mean(v)) for k, v in right.items()}
+
+
+def relation_name(qa, names) -> str:
+    s, r = qa.subjects
+    return next(k for k, (_, template, _) in spatial_qa.RELATIONS.items()
+                if template.format(a=names[s], b=names[r]) == qa.question)
+
+
+def gap_pixels(layouts) -> np.ndarray:
+    """For every "not touching" question: its surface gap in pixels in the view that shows it
+    widest (focal length x gap / depth of the nearer object's centre)."""
+    px = []
+    for lay, qa in layouts:
+        f = float(lay.intrinsics[0, 0])
+        for q in qa:
+            if q.kind == "contact" and q.answer == "no" and relation_name(q, lay.names) == "touching":
+                a, b = (lay.prims[i] for i in q.subjects)
+                gap = spatial_qa.surface_gap(a, b)
+                depth = [min(spatial_qa.camera_centre(a, pose)[2], spatial_qa.camera_centre(b, pose)[2])
+                         for pose in lay.cam_to_world]
+                px.append(f * gap / max(min(depth), 1e-3))
+    return np.array(px)
+
+
+def noise_sweep(a) -> None:
+    layouts = []
+    for i in range(a.scenes):
+        lay = synthetic.sample_layout(synthetic.scene_seed(a.split_seed, i))
+        layouts.append((lay, spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)))
+    print(f"precision needed: exact solids + centre noise sigma, {a.scenes} held-out scenes "
+          f"(split seed {a.split_seed}), 'touching' within {a.contact_tol} m")
+    for sigma in (float(s) for s in a.noise_sweep.split(",")):
+        acc = noisy_ceiling(layouts, sigma, a.contact_tol)
+        print(f"  sigma {sigma:.3f} m (mean centre err {sigma * 1.596:.3f} m)  "
+              + "  ".join(f"{k} {acc[k]:.3f}" for k in KINDS))
+    px = gap_pixels(layouts)
+    print(f"  'not touching' gaps in their best view: p10 {np.percentile(px, 10):.1f} px, "
+          f"median {np.median(px):.1f} px, under 2 px {np.mean(px < 2):.3f} ({len(px)} questions)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=student_config.TINY_VISION_CHECKPOINT)
@@ -71,7 +138,11 @@ def main() -> None:
     p.add_argument("--views", choices=("all", "first"), default="all",
                    help="read each object from the patches of every view or of view 0 only")
     p.add_argument("--contact_tol", type=float, default=0.05, help="metres of gap still 'touching'")
+    p.add_argument("--noise_sweep", default="",
+                   help="comma-separated centre noise sigmas (m): exact solids plus noise, no model")
     a = p.parse_args()
+    if a.noise_sweep:
+        return noise_sweep(a)
 
     config = student_config.get_config("tiny")
     size = config.data.image_size
@@ -122,9 +193,7 @@ def main() -> None:
                 if solids[s] is None or solids[r] is None:  # an unseen object: a coin flip
                     right[qa.kind].append(0.5)
                     continue
-                name = next(k for k, (_, template, _) in spatial_qa.RELATIONS.items()
-                            if template.format(a=scene.label_names[s], b=scene.label_names[r]) == qa.question)
-                yes = decide(name, solids[s], solids[r], pose0, a.contact_tol)
+                yes = decide(relation_name(qa, scene.label_names), solids[s], solids[r], pose0, a.contact_tol)
                 right[qa.kind].append(float(yes == (qa.answer == "yes")))
     print(f"vision ceiling: {a.checkpoint}, {a.scenes} held-out scenes (split seed {a.split_seed}), "
           f"objects read from {a.views} views, binding given")
