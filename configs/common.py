@@ -57,10 +57,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if not 1 <= config.teacher.k <= vocab:
         bad("teacher.k", config.teacher.k,
             f"must be between 1 and the vocabulary size {vocab} (model.decoder.vocab_size)")
-    from spatial_distill.kernels.attention import IMPLEMENTATIONS
+    from spatial_distill.kernels import attention
 
-    if config.model.attention not in IMPLEMENTATIONS:
-        bad("model.attention", config.model.attention, f"choose one of {IMPLEMENTATIONS}")
+    try:
+        attention.parse(config.model.attention)
+    except ValueError:
+        bad("model.attention", config.model.attention,
+            f"choose one of {attention.IMPLEMENTATIONS}, optionally with kernel block sizes "
+            "as kind:BQxBK (e.g. pallas:256x128)")
     t = config.teacher
     if t.kind not in ("oracle", "llava3d", "hf"):
         bad("teacher.kind", t.kind, "choose oracle (synthetic data), llava3d (the Flax LLaVA-3D "

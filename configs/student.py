@@ -242,8 +242,9 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     d.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     d.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
 
-    # Attention kernel of every model (student and teacher): xla | pallas (our flash kernel,
-    # interpreted on CPU) | auto (pallas on TPU/GPU, xla on CPU).
+    # Attention of every model (student and teacher): xla | pallas (our flash kernel, interpreted
+    # on CPU) | splash (JAX's TPU kernel) | cudnn (GPU) | auto (pallas on TPU, cudnn on GPU, xla
+    # on CPU); kernel block sizes as kind:BQxBK, e.g. pallas:256x128 (kernels/attention.py).
     m.attention = "xla"
     m.vision_pool = p["pool"]  # mean1 (the paper's) | grid<g> per view | patch | objects<k> | slots<k>
     m.slots = ml_collections.ConfigDict()  # vision_pool slots<k>: patches grouped into objects

@@ -157,6 +157,11 @@ def axis_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES):
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules of the enclosing `axis_rules` block (None outside one)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; identity when no rules are active."""
     active = _ACTIVE.get()

@@ -1,6 +1,11 @@
 """Our Pallas flash-attention kernel (interpreted on CPU) against the XLA path: values and
 gradients over odd lengths, all-masked rows, segment layouts, positions and GQA ratios."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +100,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 
 def test_dispatch_and_named_fallback(recwarn):
     _, q, k, v = _inputs(3, 1, 10, 12, 4, 2, 64)
-    np.testing.assert_allclose(np.asarray(attention(q, k, v, causal=True, implementation="pallas")),
+    np.testing.assert_allclose(np.asarray(attention(q, k, v, causal=True, implementation="pallas:16x16")),
                                np.asarray(attention(q, k, v, causal=True)), atol=1e-5)
     # head_dim 8 is not a kernel size: XLA answers, with one warning naming why.
     attention_lib._WARNED.clear()
@@ -103,16 +108,112 @@ def test_dispatch_and_named_fallback(recwarn):
     out = attention(q8, k8, v8, implementation="pallas")
     out = attention(q8, k8, v8, implementation="pallas")
     np.testing.assert_allclose(np.asarray(out), np.asarray(attention(q8, k8, v8)), atol=1e-6)
-    msgs = [str(w.message) for w in recwarn if "Pallas kernel does not cover" in str(w.message)]
-    assert msgs == ["attention: the Pallas kernel does not cover head_dim 8 (the kernel has (64, 128)); "
-                    "using XLA attention"]
+    # cudnn on this CPU and splash with explicit causal positions: XLA, each named once.
+    attention(q, k, v, implementation="cudnn")
+    pos = jnp.arange(10)[None]
+    attention(q, k, v, causal=True, q_positions=pos, kv_positions=jnp.arange(12)[None], implementation="splash")
+    msgs = [str(w.message) for w in recwarn if "does not cover" in str(w.message)]
+    assert msgs == ["attention: pallas does not cover head_dim 8 (the kernel has (64, 128)); using XLA attention",
+                    "attention: cudnn does not cover the cpu backend (cudnn needs a GPU); using XLA attention",
+                    "attention: splash does not cover causal attention by explicit positions (its causal mask "
+                    "is static); using XLA attention"]
+    assert attention_lib.resolve("auto", "cpu") == "xla"
+    assert attention_lib.resolve("auto", "tpu") == "pallas"
+    assert attention_lib.resolve("auto", "gpu") == "cudnn"
     assert attention(q, k, v, implementation="auto").shape == q.shape  # CPU: XLA
-    with pytest.raises(ValueError, match="'flash3' is not available"):
-        attention(q, k, v, implementation="flash3")
+
+
+@pytest.mark.parametrize("spec,want", [("xla", ("xla", (128, 128))), ("pallas:256x64", ("pallas", (256, 64))),
+                                       ("splash:128x256", ("splash", (128, 256))), ("auto:128x128", ("auto", (128, 128)))])
+def test_implementation_specs(spec, want):
+    assert attention_lib.parse(spec) == want
+
+
+@pytest.mark.parametrize("spec,match", [("flash3", "'flash3' is not available"), ("pallas:12x16", "multiples of 8"),
+                                        ("splash:64x128", "multiples of 128"), ("xla:128x128", "apply to pallas"),
+                                        ("pallas:128", "is not available")])
+def test_bad_implementation_specs_are_named(spec, match):
+    _, q, k, v = _inputs(3, 1, 4, 4, 2, 2, 64)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, implementation=spec)
+
+
+# Splash (JAX's TPU kernel, interpreted here): blocks are 128 wide, so lengths get padded.
+SPLASH_CASES = [  # B, Lq, Lk, H, Hk, D, layout, causal
+    (1, 37, 53, 4, 2, 64, "padding", True),
+    (2, 16, 16, 4, 4, 64, "plain", True),
+    (1, 9, 130, 4, 1, 128, "packed", False),
+    (2, 1, 21, 4, 2, 64, "plain", True),
+]
+
+
+@pytest.mark.parametrize("case", SPLASH_CASES)
+def test_splash_matches_xla_values_and_gradients(case):
+    B, Lq, Lk, H, Hk, D, layout, causal = case
+    r, q, k, v = _inputs(hash(case) % 2**31, B, Lq, Lk, H, Hk, D)
+    kw = dict(causal=causal, **_layout(r, layout, B, Lq, Lk))
+    want = attention(q, k, v, **kw)
+    got = attention(q, k, v, implementation="splash:128x128", **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    w = jnp.asarray(r.normal(size=want.shape), jnp.float32)
+    grads = [jax.grad(lambda q, k, v, impl=impl: (attention(q, k, v, implementation=impl, **kw) * w).sum(),
+                      (0, 1, 2))(q, k, v) for impl in ("xla", "splash:128x128")]
+    for name, a, b in zip("qkv", *grads):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+def test_splash_zeroes_rows_that_see_nothing():
+    _, q, k, v = _inputs(5, 1, 8, 8, 2, 2, 64)
+    seg_q = jnp.asarray([[0, 0, 0, 0, 7, 7, 0, 0]], jnp.int32)
+    out = attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=jnp.zeros((1, 8), jnp.int32),
+                    implementation="splash")
+    want = attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=jnp.zeros((1, 8), jnp.int32))
+    assert not np.asarray(out[0, 4:6]).any()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,causal,lq", [("plain", True, 12), ("plain", True, 7), ("padding", True, 12),
+                                              ("scrambled", True, 12), ("packed", False, 9)])
+def test_jax_nn_arguments_reproduce_the_reference(layout, causal, lq):
+    """The cudnn path's argument construction (masks, right-aligned causality, zeroed rows) run
+    through jax.nn's xla implementation, which takes the same arguments."""
+    r, q, k, v = _inputs(6, 2, lq, 12, 4, 2, 64)
+    kw = dict(causal=causal, **_layout(r, layout, 2, lq, 12))
+    got = attention_lib.jax_nn_attention(q, k, v, implementation="xla", **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(attention(q, k, v, **kw)), atol=1e-5)
+
+
+def test_kernels_run_per_shard_under_a_mesh():
+    """Under `axis_rules` (4 CPU devices: data 2 x tensor 2) each kernel runs inside shard_map,
+    so every device attends over its own batch rows and heads only, and agrees with XLA."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from spatial_distill import sharding
+        from spatial_distill.kernels.attention import attention
+        mesh = sharding.make_mesh((2, 1, 2))
+        r = np.random.default_rng(7)
+        q = jnp.asarray(r.normal(size=(4, 20, 4, 64)), jnp.float32)
+        k, v = (jnp.asarray(r.normal(size=(4, 20, 2, 64)), jnp.float32) for _ in range(2))
+        seg = jnp.asarray(np.arange(20)[None] < r.integers(1, 21, 4)[:, None], jnp.int32)
+        kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+        want = attention(q, k, v, **kw)
+        for impl in ("pallas:16x16", "splash"):
+            with sharding.axis_rules(mesh):
+                f = jax.jit(lambda q, k, v: attention(q, k, v, implementation=impl, **kw))
+                text = f.lower(q, k, v).as_text()
+                got = f(q, k, v)
+            assert "manual" in text, impl  # shard_map's manual partitioning, not a gathered custom call
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=impl)
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,dtype", [(128, 4, 4, jnp.bfloat16), (64, 8, 2, jnp.float32)])
-def test_lowers_through_mosaic_for_tpu(head_dim, heads, kv_heads, dtype):
+@pytest.mark.parametrize("kernel", [flash_attention, attention_lib.splash_attention], ids=["pallas", "splash"])
+def test_lowers_through_mosaic_for_tpu(head_dim, heads, kv_heads, dtype, kernel):
     """With libtpu installed (the `[tpu]` extra; no TPU needed), the kernel's forward and backward
     compile for a v5e chip: Mosaic accepts the block shapes, layouts and loops."""
     pytest.importorskip("libtpu")
@@ -125,7 +226,7 @@ def test_lowers_through_mosaic_for_tpu(head_dim, heads, kv_heads, dtype):
     seg = jax.ShapeDtypeStruct((1, 384), jnp.int32, sharding=place)
 
     def f(q, k, v, s):
-        return flash_attention(q, k, v, causal=True, q_segment_ids=s, kv_segment_ids=s, interpret=False)
+        return kernel(q, k, v, causal=True, q_segment_ids=s, kv_segment_ids=s, interpret=False)
 
     fwd = jax.jit(f).lower(q, kv, kv, seg).compile()
     assert fwd.memory_analysis().temp_size_in_bytes > 0

@@ -66,10 +66,12 @@ class CLIPVisionConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
-        from spatial_distill.kernels.attention import IMPLEMENTATIONS
+        from spatial_distill.kernels.attention import parse
 
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"CLIPVisionConfig.attention={self.attention!r}: choose one of {IMPLEMENTATIONS}")
+        try:
+            parse(self.attention)
+        except ValueError as e:
+            raise ValueError(f"CLIPVisionConfig.attention={self.attention!r}: {e}") from None
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"CLIPVisionConfig.hidden_act={self.hidden_act!r} is not supported; "
                              f"choose one of {sorted(_ACTIVATIONS)}")

@@ -105,9 +105,10 @@ class LlamaConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r} is unknown; choose "
                              f"one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r} is unknown; "
-                             f"choose one of {attention_lib.IMPLEMENTATIONS}")
+        try:
+            attention_lib.parse(self.attention_impl)
+        except ValueError as e:
+            raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}: {e}") from None
         for name in ("dtype", "param_dtype"):
             dt = jnp.dtype(getattr(self, name))
             if not jnp.issubdtype(dt, jnp.floating):
