@@ -34,7 +34,8 @@ def main(argv):
         from configs import common
 
         config = FLAGS.config
-        common.validate(config, num_devices=jax.device_count())
+        # An AOT compile checks the mesh against its target topology's devices, not this host's.
+        common.validate(config, num_devices=None if config.mode == "aot" else jax.device_count())
 
         # After validation: a bad flag fails before the heavy imports.
         from spatial_distill import stages

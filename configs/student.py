@@ -203,6 +203,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
 
+    # config.mode=aot (spatial_distill/aot.py): compile the train step for a TPU slice on this host.
+    c.aot = ml_collections.ConfigDict()
+    c.aot.topology = "v5e:2x2"  # <chip>:<shape>, e.g. v5e:2x4 (v5e-8), v5e:4x4, v5p:2x2x1
+    c.aot.search_batch = False  # also find the largest global batch that fits (many compiles)
+    c.aot.max_batch = 4096  # the search's upper limit
+
     c.lock()
     return c
 

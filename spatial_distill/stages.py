@@ -4,13 +4,14 @@
 tokenizer, statistics), `dump` writes the teacher records, `train` trains the student, `eval`
 scores the latest checkpoint on the held-out scenes. `vision` pretrains the student's VGGT on the
 training scenes (not part of the pipeline: its export is what `model.vision.checkpoint` loads).
+`aot` compiles the train step for a TPU slice on this host and reports its memory and cost.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from spatial_distill import console, prepare
+from spatial_distill import aot, console, prepare
 from spatial_distill.eval import stage as eval_stage
 from spatial_distill.teacher import dump
 from spatial_distill.train import trainer, vision
@@ -21,6 +22,7 @@ STAGES = {
     "train": trainer.train_and_evaluate,
     "eval": eval_stage.evaluate,
     "vision": vision.pretrain,
+    "aot": aot.run,
 }
 PIPELINE = ("data", "dump", "train", "eval")
 
@@ -31,6 +33,7 @@ WHAT = {
     "train": "the student on the teacher records",
     "eval": "held-out questions, answered and scored against the geometry",
     "vision": "pretraining the student's VGGT on the training scenes",
+    "aot": "compiling the train step for a TPU slice (memory, FLOPs, collectives)",
 }
 
 

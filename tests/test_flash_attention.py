@@ -73,6 +73,17 @@ def test_values_and_gradients_match_xla_float32(case, layout, causal):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_small_head_dims_of_the_tiny_presets(head_dim):
+    r, q, k, v = _inputs(head_dim, 2, 19, 19, 4, 2, head_dim)
+    kw = dict(causal=True, **_layout(r, "padding", 2, 19, 19))
+    np.testing.assert_allclose(np.asarray(attention(q, k, v, implementation="pallas:8x8", **kw)),
+                               np.asarray(attention(q, k, v, **kw)), atol=1e-5)
+    grads = [jax.grad(lambda q, impl=impl: attention(q, k, v, implementation=impl, **kw).sum())(q)
+             for impl in ("xla", "pallas:8x8")]
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), atol=1e-5)
+
+
 def test_all_masked_rows_give_zeros_and_no_nan():
     _, q, k, v = _inputs(1, 1, 8, 8, 2, 2, 64)
     seg_q = jnp.full((1, 8), 3, jnp.int32)
@@ -102,9 +113,9 @@ def test_dispatch_and_named_fallback(recwarn):
     _, q, k, v = _inputs(3, 1, 10, 12, 4, 2, 64)
     np.testing.assert_allclose(np.asarray(attention(q, k, v, causal=True, implementation="pallas:16x16")),
                                np.asarray(attention(q, k, v, causal=True)), atol=1e-5)
-    # head_dim 8 is not a kernel size: XLA answers, with one warning naming why.
+    # head_dim 12 is not a kernel size: XLA answers, with one warning naming why.
     attention_lib._WARNED.clear()
-    _, q8, k8, v8 = _inputs(4, 1, 5, 5, 2, 2, 8)
+    _, q8, k8, v8 = _inputs(4, 1, 5, 5, 2, 2, 12)
     out = attention(q8, k8, v8, implementation="pallas")
     out = attention(q8, k8, v8, implementation="pallas")
     np.testing.assert_allclose(np.asarray(out), np.asarray(attention(q8, k8, v8)), atol=1e-6)
@@ -113,7 +124,8 @@ def test_dispatch_and_named_fallback(recwarn):
     pos = jnp.arange(10)[None]
     attention(q, k, v, causal=True, q_positions=pos, kv_positions=jnp.arange(12)[None], implementation="splash")
     msgs = [str(w.message) for w in recwarn if "does not cover" in str(w.message)]
-    assert msgs == ["attention: pallas does not cover head_dim 8 (the kernel has (64, 128)); using XLA attention",
+    assert msgs == ["attention: pallas does not cover head_dim 12 (the kernel takes multiples of 8 up to 256); "
+                    "using XLA attention",
                     "attention: cudnn does not cover the cpu backend (cudnn needs a GPU); using XLA attention",
                     "attention: splash does not cover causal attention by explicit positions (its causal mask "
                     "is static); using XLA attention"]

@@ -37,6 +37,7 @@ PEAK_FLOPS = (
     ("TPU v5p", 459e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p reports its kind as "TPU v5"; after the v5e names it would shadow
     ("TPU v4", 275e12),
     ("TPU v3", 123e12),
     ("H200", 989e12),

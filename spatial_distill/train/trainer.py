@@ -19,6 +19,7 @@ and raises `NonFiniteLossError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,88 @@ def batch_shapes(config: ml_collections.ConfigDict, meta: tr.TeacherMeta, shardi
     return {key: jax.ShapeDtypeStruct(shape, dt, sharding=sharding_) for key, (shape, dt) in spec.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """A train run's model, state layout and jitted (not yet lowered) step functions on one mesh.
+    The train stage and `aot.py` both build them here, so an AOT report compiles exactly what
+    training runs. Lower and compile inside `sharding.axis_rules(mesh, rules)`."""
+
+    model_cfg: student_lib.StudentConfig
+    build: Callable  # key -> Student
+    breakdown: dict  # parameter counts per part
+    spec: step_lib.LossSpec
+    init: Callable  # key -> TrainState
+    abstract_state: step_lib.TrainState  # ShapeDtypeStructs carrying their shardings
+    state_sh: step_lib.TrainState  # NamedShardings
+    batch_spec: dict  # the input pipeline's global batch
+    train_spec: dict  # what the train step takes (+ cached vision inputs)
+    train_fn: Callable  # jitted (state, batch) -> (state, metrics)
+    eval_fn: Callable  # jitted (params, dwa, batch) -> metrics
+    vision_fn: Callable | None  # jitted frozen vision side, when it is cached
+
+
+def step_flops(config: ml_collections.ConfigDict, prog: Programs, num_views: int) -> dict[str, float]:
+    """Analytic FLOPs of one train step as `prog` runs it: with the vision side cached, the step
+    does not run it (its forward happens once per sample, outside)."""
+    flops = metrics_lib.config_train_flops(config, prog.model_cfg, prog.breakdown, num_views)
+    if prog.vision_fn is not None:
+        flops = {**flops, "vision": 0.0, "total": flops["decoder"]}
+    return flops
+
+
+def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
+             cache_vision: bool) -> Programs:
+    """Builds `Programs` for `config` on `mesh`. `meta` gives the records' `num_views`,
+    `image_size` and `k`; `tokenizer` the decoder's (word and relation ids)."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    spec = step_lib.loss_spec(config, tokenizer)
+    model_cfg = student_lib.config_from(config.model, config.data.image_size, tokenizer)
+    model_cfg.check_lengths(meta.num_views, config.input.max_prompt_len, config.input.max_answer_len)
+
+    def build(key):
+        return student_lib.Student(model_cfg, rngs=nnx.Rngs(params=key))
+
+    abstract_model = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
+    graphdef, abstract_model_state = nnx.split(abstract_model)
+    abstract_params = {"student": abstract_model_state.to_pure_dict()}
+    if spec.weighting == "kendall":
+        abstract_params["kendall"] = {"log_vars": jax.ShapeDtypeStruct((len(spec.tasks),), jnp.float32)}
+    tx, schedule = step_lib.make_optimizer(config, abstract_params)
+
+    def init(key):
+        return step_lib.init_state(key, tx, spec, build)
+
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    state_sh = step_lib.state_shardings(abstract_state, abstract_model_state, mesh, rules)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_sh)
+
+    step_kw = dict(graphdef=graphdef, abstract_state=abstract_model_state, spec=spec)
+    batch_spec = batch_shapes(config, meta, batch_sharding)
+    train_spec, vision_fn = batch_spec, None
+    if cache_vision:
+        def frozen_vision(params, images):
+            model = step_lib.student_from(graphdef, abstract_model_state, params)
+            return model.see(images.astype(jnp.float32) / 255.0, project=False)["vision_inputs"]
+
+        vision_fn = jax.jit(frozen_vision, in_shardings=(state_sh.params["student"], batch_sharding),
+                            out_shardings=batch_sharding)
+        shape = jax.eval_shape(frozen_vision, abstract_state.params["student"], batch_spec["rgb"])
+        train_spec = {**batch_spec, "vision_inputs": jax.ShapeDtypeStruct(
+            shape.shape, shape.dtype, sharding=batch_sharding)}
+    train_fn = jax.jit(
+        functools.partial(step_lib.train_step, tx=tx, schedule=schedule,
+                          accum_steps=int(config.train.accum_steps), **step_kw),
+        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, replicated),
+        donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, **step_kw),
+                      in_shardings=(state_sh.params, state_sh.dwa, batch_sharding),
+                      out_shardings=replicated)
+    return Programs(model_cfg, build, student_lib.parameter_breakdown(abstract_model), spec, init,
+                    abstract_state, state_sh, batch_spec, train_spec, train_fn, eval_fn, vision_fn)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -187,8 +271,6 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     # -- Mesh ----------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.DEFAULT_RULES
-    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    replicated = NamedSharding(mesh, PartitionSpec())
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
              jax.process_count())
 
@@ -215,57 +297,19 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
                               shuffle=False, num_epochs=1, image_size=size, **limits)
     eval_start = eval_data.state()
 
-    # -- Model and optimizer -------------------------------------------------------------------
-    model_cfg = student_lib.config_from(config.model, config.data.image_size, tokenizer)
-    model_cfg.check_lengths(meta.num_views, config.input.max_prompt_len, config.input.max_answer_len)
-
-    def build(key):
-        return student_lib.Student(model_cfg, rngs=nnx.Rngs(params=key))
-
-    abstract_model = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
-    graphdef, abstract_model_state = nnx.split(abstract_model)
-    breakdown = student_lib.parameter_breakdown(abstract_model)
-    abstract_params = {"student": abstract_model_state.to_pure_dict()}
-    if spec.weighting == "kendall":
-        abstract_params["kendall"] = {"log_vars": jax.ShapeDtypeStruct((len(spec.tasks),), jnp.float32)}
-    tx, schedule = step_lib.make_optimizer(config, abstract_params)
-    log.info("student parameters: %s (total %.2fM); tasks %s weighted by %s", breakdown,
-             sum(breakdown.values()) / 1e6, spec.tasks, spec.weighting)
-
-    # -- Shard and transfer --------------------------------------------------------------------
-    def init(key):
-        return step_lib.init_state(key, tx, spec, build)
-
+    # -- Model, optimizer, shardings and step functions ----------------------------------------
+    prog = programs(config, mesh, rules, meta, tokenizer, cache_vision=cache_vision)
+    model_cfg, build, spec, init = prog.model_cfg, prog.build, prog.spec, prog.init
     init_key = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init, init_key)
-    state_sh = step_lib.state_shardings(abstract_state, abstract_model_state, mesh, rules)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_sh)
-
-    # -- Step functions ------------------------------------------------------------------------
-    step_kw = dict(graphdef=graphdef, abstract_state=abstract_model_state, spec=spec)
-    batch_spec = batch_shapes(config, meta, batch_sharding)
-    train_spec, cache = batch_spec, None
+    abstract_state, state_sh, batch_spec = prog.abstract_state, prog.state_sh, prog.batch_spec
+    train_spec, train_fn, eval_fn = prog.train_spec, prog.train_fn, prog.eval_fn
+    log.info("student parameters: %s (total %.2fM); tasks %s weighted by %s", prog.breakdown,
+             sum(prog.breakdown.values()) / 1e6, spec.tasks, spec.weighting)
+    cache = None
     if cache_vision:
-        def frozen_vision(params, images):
-            model = step_lib.student_from(graphdef, abstract_model_state, params)
-            return model.see(images.astype(jnp.float32) / 255.0, project=False)["vision_inputs"]
-
-        vision_fn = jax.jit(frozen_vision, in_shardings=(state_sh.params["student"], batch_sharding),
-                            out_shardings=batch_sharding)
-        shape = jax.eval_shape(frozen_vision, abstract_state.params["student"], batch_spec["rgb"])
-        train_spec = {**batch_spec, "vision_inputs": jax.ShapeDtypeStruct(
-            shape.shape, shape.dtype, sharding=batch_sharding)}
-        cache = vision_cache.VisionCache(vision_fn, lambda x: to_global({"rgb": x}, mesh)["rgb"])
-        log.info("frozen vision side cached per training sample: %s per sample", shape.shape[1:])
-    train_fn = jax.jit(
-        functools.partial(step_lib.train_step, tx=tx, schedule=schedule,
-                          accum_steps=int(config.train.accum_steps), **step_kw),
-        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, replicated),
-        donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, **step_kw),
-                      in_shardings=(state_sh.params, state_sh.dwa, batch_sharding),
-                      out_shardings=replicated)
+        cache = vision_cache.VisionCache(prog.vision_fn, lambda x: to_global({"rgb": x}, mesh)["rgb"])
+        log.info("frozen vision side cached per training sample: %s per sample",
+                 train_spec["vision_inputs"].shape[1:])
     t0 = time.perf_counter()
     with sharding.axis_rules(mesh, rules):  # constrain() calls see the mesh while tracing
         train_step = train_fn.lower(abstract_state, train_spec).compile()
@@ -287,7 +331,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
             n += 1
         return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
-    flops = metrics_lib.config_train_flops(config, model_cfg, breakdown, meta.num_views)
+    flops = step_flops(config, prog, meta.num_views)
     peak, peak_source = metrics_lib.peak_flops(list(mesh.devices.flat))
     log.info("%.3g model FLOPs per step; peak %.3g FLOP/s (%s)", flops["total"], peak, peak_source)
 
