@@ -45,7 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
-    ("conv_in", None),
+    ("conv_in", "fsdp"),  # conv kernels FSDP-sharded on their input channels, like `embed`
     ("conv_out", "tensor"),
     ("norm", None),
 )
@@ -93,8 +93,13 @@ def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = N
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec; first matching rule wins, mesh axes used once."""
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; first matching rule wins, mesh axes used once.
+
+    With `shape` and `mesh`, a dimension the mesh axes do not divide stays unsharded and leaves
+    them to a later dimension (a patch-embed kernel `[14, 14, 3, 1024]` named (.., conv_in,
+    embed) shards its 1024, not nothing)."""
     if names is None:
         return PartitionSpec()
     table: dict[str, str | Sequence[str] | None] = {}
@@ -109,6 +114,9 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> Partiti
             continue
         axes = (target,) if isinstance(target, str) else tuple(target)
         if any(a in used for a in axes):
+            out.append(None)
+            continue
+        if shape is not None and mesh is not None and shape[len(out)] % math.prod(mesh.shape[a] for a in axes):
             out.append(None)
             continue
         used.update(axes)
@@ -139,9 +147,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
     def one(variable):
         names = _param_names(variable)
         shape = np.shape(variable.get_value())
-        spec = logical_to_spec(names, rules) if names is not None else PartitionSpec()
-        if len(spec) > len(shape):
+        if names is not None and len(names) > len(shape):
             raise ValueError(f"logical names {names} have more axes than the value's {len(shape)}")
+        spec = logical_to_spec(names, rules, shape, mesh) if names is not None else PartitionSpec()
         return variable.replace(NamedSharding(mesh, divisible(spec, shape, mesh)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -83,3 +83,20 @@ def test_sharded_init_on_eight_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_an_axis_that_does_not_divide_a_dimension_passes_to_the_next():
+    from jax.sharding import AbstractMesh
+
+    mesh = AbstractMesh((1, 8, 2), sharding.MESH_AXES)
+    names = (None, None, "conv_in", "embed")
+    # A patch-embed kernel: 3 input channels cannot take fsdp=8, so its 1024 outputs do.
+    assert sharding.logical_to_spec(names, sharding.DEFAULT_RULES, (14, 14, 3, 1024), mesh) == \
+        P(None, None, None, "fsdp")
+    assert sharding.logical_to_spec(names, sharding.DEFAULT_RULES, (14, 14, 16, 1024), mesh) == \
+        P(None, None, "fsdp", None)
+    # Without a shape the first name keeps the axis, as before.
+    assert sharding.logical_to_spec(names, sharding.DEFAULT_RULES) == \
+        P(None, None, "fsdp", None)
+    assert sharding.logical_to_spec(("vocab", "embed"), sharding.DEFAULT_RULES, (32001, 2048), mesh) == \
+        P(None, "fsdp")
