@@ -1,5 +1,6 @@
 """Attention memory on a TPU chip, compiled ahead of time on this CPU (libtpu, no TPU needed):
-XLA attention against our Pallas flash kernel, forward and forward + backward.
+XLA attention against our Pallas flash kernel and JAX's splash kernel, forward and forward +
+backward.
 
     python -m benchmarks.bench_attention [--topology v5e:2x2] [--views 8]
 
@@ -17,6 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from spatial_distill import sharding
 from spatial_distill.kernels.attention import attention
 
 
@@ -37,17 +39,24 @@ def main() -> None:
         raise SystemExit(f"cannot target TPU {args.topology!r} ({e}); install libtpu: "
                          "pip install 'spatial_distill[tpu]'") from e
     place = jax.sharding.SingleDeviceSharding(device)
+    # Traced under a mesh of the TPU device, so `attention` targets TPU (Mosaic, not the
+    # interpreter it would pick for this CPU host).
+    mesh = sharding.make_mesh((1, 1, 1), [device])
     cases = {f"VGGT global attention, {args.views} views": (args.views * 1374, 16, 64, False),
              "student decoder, 2,048 tokens": (2048, 16, 128, True)}
     print(f"one {device.device_kind} chip of {args.topology}, bfloat16, batch 1")
     for name, (L, H, D, causal) in cases.items():
         x = jax.ShapeDtypeStruct((1, L, H, D), jnp.bfloat16, sharding=place)
         print(f"{name}: {L} tokens, {H} heads x {D}")
-        for impl in ("xla", "pallas"):
+        for impl in ("xla", "pallas", "splash"):
             f = lambda q, k, v, impl=impl: attention(q, k, v, causal=causal, implementation=impl)  # noqa: E731
             g = jax.grad(lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
             for what, fn in (("forward", f), ("forward+backward", g)):
-                m = jax.jit(fn).lower(x, x, x).compile().memory_analysis()
+                with sharding.axis_rules(mesh):
+                    compiled = jax.jit(fn).lower(x, x, x).compile()
+                if impl != "xla":
+                    assert "tpu_custom_call" in compiled.as_text(), f"{impl} did not lower through Mosaic"
+                m = compiled.memory_analysis()
                 print(f"  {impl:6s} {what:17s} temporaries {_gib(m.temp_size_in_bytes):>10s}   "
                       f"arguments + outputs {_gib(m.argument_size_in_bytes + m.output_size_in_bytes)}")
 

@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HBM_GIB = {"v5e": 16, "v5p": 95, "v4": 32, "v6e": 32}
-
 
 def throughput(args) -> None:
     import tempfile
@@ -81,13 +79,12 @@ def aot(args) -> None:
     from flax import nnx
     from jax.experimental import topologies
 
-    from spatial_distill import generate, sharding
+    from spatial_distill import aot, generate, sharding
     from spatial_distill.models import llava3d
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
     devices = topo.devices
     mesh = sharding.make_mesh((1, 1, -1), devices)
-    chip = args.topology.split(":")[0]
     cfg = llava3d.LLaVA3DConfig.seven_b()
     cfg = dataclasses.replace(cfg, llama=dataclasses.replace(cfg.llama, dtype=jnp.bfloat16,
                                                              param_dtype=jnp.bfloat16))
@@ -113,7 +110,7 @@ def aot(args) -> None:
                               cache_index=index)
         return llm.logits(h), cache
 
-    hbm = HBM_GIB.get(chip, 0) * 2**30
+    hbm = aot.chip(devices[0]).hbm_bytes
     print(f"LLaVA-3D 7B language model, {args.topology} ({len(devices)} chips, tensor-parallel), "
           f"bf16, batch {B} questions x {P} prompt tokens (2,560 voxels + 64 text), cache {P + new} slots")
     with sharding.axis_rules(mesh):

@@ -48,7 +48,8 @@ PRESETS = {
     # VGGT-1B aggregator, depth and camera heads, a 24-layer 2048-wide SwiGLU decoder: ~2.29B.
     "paper": dict(
         image_size=518, train=4000, eval=500, batch=64, steps=20000, vocab=32000,
-        vision=dict(embed_dim=1024, depth=24, num_heads=16, vit_depth=24, vit_heads=16),
+        # VGGT frozen, as the paper trains it (its depth and box heads still train on its tokens).
+        vision=dict(embed_dim=1024, depth=24, num_heads=16, vit_depth=24, vit_heads=16, frozen=True),
         decoder=dict(hidden=2048, layers=24, heads=16, kv_heads=16, mlp=5504, context=2048),
         depth=dict(features=256, out_channels=(256, 512, 1024, 1024), layers=(4, 11, 17, 23)),
         det=dict(queries=64, dim=256, layers=6, heads=8, classes=18),
@@ -283,6 +284,9 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     dh.features = p["depth"]["features"]
     dh.out_channels = p["depth"]["out_channels"]
     dh.layers = p["depth"]["layers"]  # aggregator layers the DPT reads
+    # Frames per sequential, rematerialised chunk (0: all at once). A 518 px frame needs ~1.1 GiB
+    # of forward + backward temporaries, so this bounds the head's memory (docs/benchmarks.md).
+    dh.frames_chunk = 8
 
     o = m.object_head = ml_collections.ConfigDict()  # dense per-patch objects (object_head.py)
     o.enabled = p["objects"]["enabled"]  # also adds VGGT's camera head, which places the objects

@@ -125,8 +125,8 @@ def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.
     return c
 
 
-def compile_step(config, devices, tokenizer):
-    """(compiled train step, `trainer.Programs`, mesh) for `config` on `devices`."""
+def build(config, devices, tokenizer):
+    """(`trainer.Programs`, mesh) for `config` on `devices`, checked against their count."""
     common.validate(config, num_devices=len(devices))
     trainer.check_accumulation(config, len(devices))
     mesh = sharding.make_mesh(config.mesh.shape, devices)
@@ -134,9 +134,18 @@ def compile_step(config, devices, tokenizer):
                                  image_size=(config.data.image_size, config.data.image_size))
     prog = trainer.programs(config, mesh, sharding.DEFAULT_RULES, meta, tokenizer,
                             cache_vision=trainer.caches_vision(config))
+    return prog, mesh
+
+
+def compile_train_step(prog, mesh):
     with sharding.axis_rules(mesh, sharding.DEFAULT_RULES):
-        compiled = prog.train_fn.lower(prog.abstract_state, prog.train_spec).compile()
-    return compiled, prog, mesh
+        return prog.train_fn.lower(prog.abstract_state, prog.train_spec).compile()
+
+
+def compile_step(config, devices, tokenizer):
+    """(compiled train step, `trainer.Programs`, mesh) for `config` on `devices`."""
+    prog, mesh = build(config, devices, tokenizer)
+    return compile_train_step(prog, mesh), prog, mesh
 
 
 def memory(compiled) -> dict[str, int]:
@@ -189,15 +198,23 @@ def _cost(compiled) -> dict[str, float]:
             "bytes_accessed": float(cost.get("bytes accessed", math.nan))}
 
 
+def out_of_memory(err: BaseException) -> str | None:
+    """XLA:TPU's compile-time out-of-HBM error as one line (None for any other error)."""
+    text = str(err).strip()
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    return text.splitlines()[0][:300]
+
+
 def _fits(config, devices, tokenizer, batch: int, hbm: int) -> tuple[bool, dict | None, str]:
     """Whether the step at global `batch` compiles and fits; its memory; why not."""
     try:
         compiled, _, _ = compile_step(with_batch(config, batch), devices, tokenizer)
     except Exception as e:  # noqa: BLE001 - XLA:TPU reports running out of HBM at compile time
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" in text or "memory" in text.lower():
-            return False, None, text.strip().splitlines()[0][:300]
-        raise
+        why = out_of_memory(e)
+        if why is None:
+            raise
+        return False, None, why
     mem = memory(compiled)
     return mem["total_bytes"] <= hbm, mem, ""
 
@@ -245,14 +262,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     devices = topology_devices(config.aot.topology)
     spec = chip(devices[0])
     tokenizer, tokenizer_source = _tokenizer(config, workdir)
+    prog, mesh = build(config, devices, tokenizer)
     t0 = time.perf_counter()
-    compiled, prog, mesh = compile_step(config, devices, tokenizer)
+    try:
+        compiled, error = compile_train_step(prog, mesh), None
+    except Exception as e:  # noqa: BLE001 - only running out of HBM is a result, the rest raises
+        compiled, error = None, out_of_memory(e)
+        if error is None:
+            raise
     compile_s = time.perf_counter() - t0
-    mem = memory(compiled)
-    cost = _cost(compiled)
     n = len(devices)
     analytic = trainer.step_flops(config, prog, config.data.num_views)
-    hlo = compiled.as_text()
+    if compiled is None:
+        mem = {"compile_error": error}
+        cost = {"flops": math.nan, "bytes_accessed": math.nan}
+        hlo = ""
+    else:
+        mem, cost, hlo = memory(compiled), _cost(compiled), compiled.as_text()
     comms = collectives(hlo)
     comm_bytes = sum(c["bytes"] for c in comms.values())
     terms = {"compute_s": analytic["total"] / (n * spec.peak_flops),
@@ -268,7 +294,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "vision_cached": prog.vision_fn is not None, "tokenizer": tokenizer_source,
         "parameters": {k: int(v) for k, v in prog.breakdown.items()},
         "compile_s": round(compile_s, 2),
-        "memory_per_device": mem, "hbm_bytes": spec.hbm_bytes, "fits": mem["total_bytes"] <= spec.hbm_bytes,
+        "memory_per_device": mem, "hbm_bytes": spec.hbm_bytes,
+        "fits": compiled is not None and mem["total_bytes"] <= spec.hbm_bytes,
         "flops": {"analytic_total": analytic["total"], "analytic_per_device": analytic["total"] / n,
                   "compiled_per_device": cost["flops"],
                   "compiled_over_analytic": cost["flops"] / (analytic["total"] / n),
@@ -295,8 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
-    print(summary(report))
-    print(f"  report in {path}")
+    # Flushed now: libtpu's exit handlers can end the process before Python flushes stdout.
+    print(summary(report), flush=True)
+    print(f"  report in {path}", flush=True)
     return report
 
 
@@ -308,7 +336,8 @@ def summary(r: dict) -> str:
         f"{r['global_batch']}, attention {r['attention']}, remat {r['remat']}",
         f"  per device: arguments {g(m['argument_bytes'])}, outputs {g(m['output_bytes'])}, aliased "
         f"{g(m['alias_bytes'])}, temporaries {g(m['temp_bytes'])} -> {g(m['total_bytes'])} of "
-        f"{g(r['hbm_bytes'])} HBM: fits={r['fits']}",
+        f"{g(r['hbm_bytes'])} HBM: fits={r['fits']}" if "compile_error" not in m else
+        f"  per device: does not fit ({m['compile_error']})",
         f"  FLOPs per device: analytic {f['analytic_per_device']:.3g}, compiled {f['compiled_per_device']:.3g} "
         f"({f['compiled_over_analytic']:.2f}x; {f['note']})",
         "  Mosaic kernels: " + (", ".join(f"{k} x{v}" for k, v in r["mosaic_kernels"].items()) or "none"),

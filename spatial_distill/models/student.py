@@ -91,6 +91,9 @@ class StudentConfig:
     camera_trains_trunk: bool = True
     vision_dtype: str = "float32"  # aggregator compute dtype; heads run in float32 regardless
     remat_vision: bool = False
+    # Frames the depth head processes at once (rematerialised per chunk in training: live
+    # full-resolution maps scale with it; dpt.DPTHead._map_frames). None: all at once.
+    depth_frames_chunk: int | None = 8
     # kernels.attention implementation of the VGGT encoder and the camera head (the decoder's
     # and detection head's are in their own configs; `config_from` sets all from model.attention).
     attention: str = "xla"
@@ -491,7 +494,8 @@ class Student(nnx.Module):
                 out["grounding"] = g.reshape(b, q, 2, -1)
                 out["relation"] = self.relation_head(answer_hidden[:, :, 0].astype(jnp.float32))[..., 0]
         if self.depth_head is not None:
-            depth, conf = self.depth_head(seen["layers"], (hh, ww), self.cfg.aggregator.patch_start_idx)
+            depth, conf = self.depth_head(seen["layers"], (hh, ww), self.cfg.aggregator.patch_start_idx,
+                                          frames_chunk_size=self.cfg.depth_frames_chunk)
             out["depth"], out["depth_conf"] = depth[..., 0], conf
         if self.det_head is not None:
             patches = seen["patches"]
@@ -637,7 +641,8 @@ def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=Non
                          num_latents=model.num_latents, latent_position=model.latent_position,
                          freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
                          camera_trains_trunk=bool(model.object_head.camera_trains_trunk),
-                         vision_dtype=v.dtype, remat_vision=v.remat, attention=model.attention)
+                         vision_dtype=v.dtype, remat_vision=v.remat, attention=model.attention,
+                         depth_frames_chunk=model.depth_head.frames_chunk or None)
 
 
 def create(cfg: StudentConfig, seed: int = 0, *, abstract: bool = False) -> Student:

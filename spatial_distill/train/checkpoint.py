@@ -36,7 +36,7 @@ import spatial_distill
 # slot grouping's thresholds (hyperparameters of a parameter-free pooling).
 NON_STRUCTURAL = ("vision.dtype", "vision.remat", "decoder.dtype", "decoder.remat_policy",
                   "vision.checkpoint", "decoder.checkpoint", "slots.radius", "slots.colour_scale",
-                  "slots.min_objectness")
+                  "slots.min_objectness", "attention", "depth_head.frames_chunk")
 
 
 class CheckpointError(ValueError):
