@@ -9,8 +9,9 @@ the slice and XLA:TPU compiles for it here. What compiles is what the train stag
 at the input pipeline's static shapes (`config.data`, `config.input`, `config.teacher.k`; no
 records are read). Pallas kernels lower through Mosaic, as on the slice.
 
-`W/aot/report.json` (and a printed summary) holds, per device: argument, output, temporary and
-aliased bytes, their total against the chip's HBM and `fits`; compiled FLOPs and bytes against
+`W/aot/report.json` (and a printed summary) holds, per device: argument, output, temporary,
+aliased and code bytes, their total against the chip's HBM and `fits` (XLA:TPU compiled the step,
+which it refuses beyond the HBM it can allocate, and the total is within the chip's HBM); compiled FLOPs and bytes against
 the analytic count (`trainer.step_flops`); every collective op with its count and result bytes;
 the Pallas kernels that lowered through Mosaic (`mosaic_kernels`, so a kernel that fell back to
 XLA shows); a roofline step time (compute, HBM and ICI terms, datasheet figures in `CHIPS`); and, with

@@ -1,0 +1,1 @@
+"""PyTorch artifacts of a trained student (`config.mode=export`)."""
