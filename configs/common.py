@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-MODES = ("pipeline", "data", "dump", "train", "eval", "vision", "aot")
+MODES = ("pipeline", "data", "dump", "train", "eval", "vision", "aot", "export")
 
 
 def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,

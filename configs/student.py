@@ -204,6 +204,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
 
+    # config.mode=export (spatial_distill/export/): the latest checkpoint as PyTorch artifacts.
+    c.export = ml_collections.ConfigDict()
+    c.export.dir = config_dict.placeholder(str)  # OUT; refused when it exists and is not empty
+    c.export.overwrite = False  # replace a non-empty OUT
+    c.export.dtype = "float32"  # float32 | bfloat16
+    c.export.max_shard_bytes = 5 * 2**30  # the decoder's safetensors are sharded above this
+
     # config.mode=aot (spatial_distill/aot.py): compile the train step for a TPU slice on this host.
     c.aot = ml_collections.ConfigDict()
     c.aot.topology = "v5e:2x2"  # <chip>:<shape>, e.g. v5e:2x4 (v5e-8), v5e:4x4, v5p:2x2x1

@@ -4,7 +4,8 @@
 tokenizer, statistics), `dump` writes the teacher records, `train` trains the student, `eval`
 scores the latest checkpoint on the held-out scenes. `vision` pretrains the student's VGGT on the
 training scenes (not part of the pipeline: its export is what `model.vision.checkpoint` loads).
-`aot` compiles the train step for a TPU slice on this host and reports its memory and cost.
+`aot` compiles the train step for a TPU slice on this host and reports its memory and cost;
+`export` writes the latest checkpoint as PyTorch artifacts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ml_collections
 
 from spatial_distill import aot, console, prepare
 from spatial_distill.eval import stage as eval_stage
+from spatial_distill.export import stage as export_stage
 from spatial_distill.teacher import dump
 from spatial_distill.train import trainer, vision
 
@@ -23,6 +25,7 @@ STAGES = {
     "eval": eval_stage.evaluate,
     "vision": vision.pretrain,
     "aot": aot.run,
+    "export": export_stage.export,
 }
 PIPELINE = ("data", "dump", "train", "eval")
 
@@ -34,6 +37,7 @@ WHAT = {
     "eval": "held-out questions, answered and scored against the geometry",
     "vision": "pretraining the student's VGGT on the training scenes",
     "aot": "compiling the train step for a TPU slice (memory, FLOPs, collectives)",
+    "export": "the latest checkpoint as PyTorch artifacts",
 }
 
 

@@ -168,3 +168,38 @@ def test_the_eval_stage_of_a_trained_checkpoint_end_to_end(dumped, tmp_path):
     r = subprocess.run(flags + ["--config.mode=eval"], cwd=root, env=env, capture_output=True, text=True,
                        timeout=900)  # nothing left to predict: the same metrics
     assert r.returncode == 0 and json.loads((tmp_path / "eval" / "metrics.json").read_text()) == m
+
+    # The export stage on the same checkpoint: a stock transformers decoder equal to the Flax
+    # one, the VGGT parts under official keys, a non-empty OUT refused unless overwrite.
+    out = tmp_path / "export"
+    r = subprocess.run(flags + ["--config.mode=export", f"--config.export.dir={out}"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "exported step 2" in r.stdout, r.stderr[-3000:]
+    import safetensors
+    import torch
+    import transformers
+
+    from configs import student as student_config
+    from spatial_distill.eval import stage as eval_stage
+
+    config = student_config.get_config("tiny")  # the flags above that shape the model
+    config.update_from_flattened_dict({
+        "data.image_size": 56, "tokenizer.vocab_size": 280, "model.decoder.vocab_size": 280,
+        "tokenizer.path": tok.path, "model.depth_head.enabled": True, "model.det_head.enabled": True})
+    model = eval_stage.restore_student(config, str(tmp_path))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out / "decoder")).eval()
+    ids = np.asarray([tok.encode("Is the red box near the blue sphere?", add_bos=True)])
+    with torch.no_grad():
+        want = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model.decoder(ids)), want, atol=1e-4, rtol=0)
+    with safetensors.safe_open(str(out / "vggt.safetensors"), "np") as f:
+        keys = set(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"aggregator", "camera_head", "depth_head"}
+    assert "aggregator.patch_embed.patch_embed.proj.weight" in keys or any(
+        k.startswith("aggregator.patch_embed.") for k in keys)
+    record = json.loads((out / "export.json").read_text())
+    assert record["step"] == 2 and record["dtype"] == "float32"
+    r = subprocess.run(flags + ["--config.mode=export", f"--config.export.dir={out}"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and "exists and is not empty" in r.stderr and "overwrite=True" in r.stderr
+    assert not list(tmp_path.glob("export.tmp-*"))
