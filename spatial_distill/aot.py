@@ -88,6 +88,9 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # noqa: BLE001 - libtpu's errors are long; the first line says why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "lockfile" in first:  # one process at a time may hold libtpu, even without a TPU
+            raise AOTError(f"libtpu is held by another process on this host ({first}); wait for it to "
+                           "finish (another aot run, a test) and rerun") from None
         raise AOTError(f"config.aot.topology = {name!r}: libtpu cannot describe it ({first}); use "
                        "<chip>:<shape> such as v5e:2x2, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x2") from None
 
@@ -220,13 +223,18 @@ def _fits(config, devices, tokenizer, batch: int, hbm: int) -> tuple[bool, dict 
     return mem["total_bytes"] <= hbm, mem, ""
 
 
-def search_batch(config, devices, tokenizer, hbm: int, *, limit: int) -> dict:
-    """The largest global batch (a multiple of data x fsdp x accumulation ways) whose step fits."""
+def search_batch(config, devices, tokenizer, hbm: int, *, limit: int, known: dict | None = None) -> dict:
+    """The largest global batch (a multiple of data x fsdp x accumulation ways) whose step fits.
+    `known`: {batch: (fits, total_bytes or None)} already compiled (not compiled again)."""
     data, fsdp, _ = sharding.mesh_shape(config.mesh.shape, len(devices))
     unit = data * fsdp * int(config.train.accum_steps)
     tried: dict[int, dict] = {}
 
     def fits(b):
+        if known and b in known:
+            ok, total = known[b]
+            tried[b] = {"fits": ok, "total_bytes": total}
+            return ok
         ok, mem, why = _fits(config, devices, tokenizer, b, hbm)
         tried[b] = {"fits": ok, "total_bytes": None if mem is None else mem["total_bytes"],
                     **({"error": why} if why else {})}
@@ -314,8 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              "(both count a loop body once, so they read low with scanned layers)"},
     }
     if config.aot.search_batch:
-        report["batch_search"] = search_batch(config, devices, tokenizer, spec.hbm_bytes,
-                                              limit=int(config.aot.max_batch))
+        report["batch_search"] = search_batch(
+            config, devices, tokenizer, spec.hbm_bytes, limit=int(config.aot.max_batch),
+            known={int(config.train.batch_size): (report["fits"], mem.get("total_bytes"))})
     out = os.path.join(workdir, SUBDIR)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, REPORT)

@@ -244,3 +244,16 @@ def test_lowers_through_mosaic_for_tpu(head_dim, heads, kv_heads, dtype, kernel)
     assert fwd.memory_analysis().temp_size_in_bytes > 0
     loss = lambda q, k, v, s: f(q, k, v, s).astype(jnp.float32).sum()  # noqa: E731
     jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, kv, kv, seg).compile()
+
+
+def test_backward_fits_vmem_at_vggt_global_attention_length():
+    """VGGT-1B global attention over 8 views (10,992 tokens, 16 heads of 64, bf16): the dk/dv
+    kernel keeps the whole query side in VMEM, so its per-position vectors ride as rows (8x
+    padding), not columns (128x, 27 MB of the 16 MB scoped VMEM before the fix)."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    x = jax.ShapeDtypeStruct((1, 10992, 16, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+    loss = lambda q, k, v: flash_attention(q, k, v, interpret=False).astype(jnp.float32).sum()  # noqa: E731
+    jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).compile()

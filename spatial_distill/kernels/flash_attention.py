@@ -139,21 +139,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref, do_r
 
 def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kseg_ref, qseg_ref, kpos_ref, qpos_ref,
                 dk_ref, dv_ref, *, scale, causal, block_q, num_q_blocks):
+    # Transposed scores [bk, bq]: the key side is a block (columns `[bk, 1]`) and the whole query
+    # side rides as rows `[1, Lq]` (lse, delta, segments, positions), which VMEM pads 8x, not
+    # the 128x a `[Lq, 1]` column costs (11k-token VGGT attention would not fit otherwise).
     k = k_ref[...].astype(jnp.float32)  # [bk, D]
     v = v_ref[...].astype(jnp.float32)
-    kseg, kpos = kseg_ref[...], kpos_ref[...]  # [1, bk]
+    kseg, kpos = kseg_ref[...], kpos_ref[...]  # [bk, 1]
 
     def body(i, carry):
         dk, dv = carry
         qs = pl.ds(i * block_q, block_q)
         q = q_ref[qs, :].astype(jnp.float32)
         do = do_ref[qs, :].astype(jnp.float32)
-        s = _dot(q, k, ((1,), (1,))) * scale  # [bq, bk]
-        vis = _visible(qseg_ref[qs, :], kseg, qpos_ref[qs, :], kpos, causal)
-        p = jnp.where(vis, jnp.exp(s - lse_ref[qs, :]), 0.0)
-        dv = dv + _dot(p, do, ((0,), (0,)))
-        ds = p * (_dot(do, v, ((1,), (1,))) - delta_ref[qs, :])
-        dk = dk + _dot(ds, q, ((0,), (0,))) * scale
+        s_t = _dot(k, q, ((1,), (1,))) * scale  # [bk, bq]
+        vis = kseg == qseg_ref[:, qs]  # [bk, bq]
+        if causal:
+            vis &= kpos <= qpos_ref[:, qs]
+        p_t = jnp.where(vis, jnp.exp(s_t - lse_ref[:, qs]), 0.0)
+        dv = dv + _dot(p_t, do, ((1,), (0,)))
+        ds_t = p_t * (_dot(v, do, ((1,), (1,))) - delta_ref[:, qs])
+        dk = dk + _dot(ds_t, q, ((1,), (0,))) * scale
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -180,17 +185,19 @@ def _backward(q, k, v, qseg, kseg, qpos, kpos, o, lse, do, *, scale, causal, blo
     kblk = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, jax.lax.div(h, groups), j, 0))
     kout = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, h, j, 0))
     qfull = pl.BlockSpec((None, None, Lq, D), lambda b, h, j: (b, h, 0, 0))
-    sfull = pl.BlockSpec((None, None, Lq, 1), lambda b, h, j: (b, h, 0, 0))
-    krow = pl.BlockSpec((None, 1, block_k), lambda b, h, j: (b, 0, j))
-    qcol = pl.BlockSpec((None, Lq, 1), lambda b, h, j: (b, 0, 0))
+    srow = pl.BlockSpec((None, None, 1, Lq), lambda b, h, j: (b, h, 0, 0))
+    kcol = pl.BlockSpec((None, block_k, 1), lambda b, h, j: (b, j, 0))
+    qrow = pl.BlockSpec((None, 1, Lq), lambda b, h, j: (b, 0, 0))
+    as_row = lambda x: x.reshape(*x.shape[:-2], 1, x.shape[-2])  # noqa: E731 - [.., L, 1] -> [.., 1, L]
+    as_col = lambda x: x.reshape(*x.shape[:-2], x.shape[-1], 1)  # noqa: E731 - [.., 1, L] -> [.., L, 1]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q, num_q_blocks=Lq // block_q),
         grid=(B, H, Lk // block_k),
-        in_specs=[kblk, kblk, qfull, qfull, sfull, sfull, krow, qcol, krow, qcol],
+        in_specs=[kblk, kblk, qfull, qfull, srow, srow, kcol, qrow, kcol, qrow],
         out_specs=[kout, kout],
         out_shape=[jax.ShapeDtypeStruct((B, H, Lk, D), jnp.float32)] * 2,
         interpret=interpret, name="flash_attention_dkv",
-    )(k, v, q, do, lse, delta, kseg, qseg, kpos, qpos)
+    )(k, v, q, do, as_row(lse), as_row(delta), as_col(kseg), as_row(qseg), as_col(kpos), as_row(qpos))
     dk = dk.reshape(B, Hk, groups, Lk, D).sum(2).astype(k.dtype)
     dv = dv.reshape(B, Hk, groups, Lk, D).sum(2).astype(v.dtype)
     return dq, dk, dv
