@@ -165,18 +165,7 @@ def xla_attention(q, k, v, *, causal=False, mask=None, q_segment_ids=None, kv_se
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc)
     logits = logits * jnp.asarray(scale, acc)
 
-    visible = None
-    if causal:
-        qp = jnp.arange(lq) + (lk - lq) if q_positions is None else q_positions
-        kp = jnp.arange(lk) if kv_positions is None else kv_positions
-        qp = jnp.broadcast_to(qp, (b, lq)) if qp.ndim == 1 else qp
-        kp = jnp.broadcast_to(kp, (b, lk)) if kp.ndim == 1 else kp
-        visible = kp[:, None, :] <= qp[:, :, None]  # [b, q, k]
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        qs = q_segment_ids if q_segment_ids is not None else jnp.zeros((b, lq), jnp.int32)
-        ks = kv_segment_ids if kv_segment_ids is not None else jnp.zeros((b, lk), jnp.int32)
-        seg = qs[:, :, None] == ks[:, None, :]
-        visible = seg if visible is None else visible & seg
+    visible = _visibility(b, lq, lk, causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     if visible is not None:
         visible = visible[:, None, None, :, :]  # [b, 1, 1, q, k]
     if mask is not None:
@@ -213,8 +202,9 @@ def _cudnn_unsupported(q, platform: str) -> str | None:
 
 
 def _visibility(b, lq, lk, causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-    """Boolean `[b, lq, lk]` (None when everything is visible) and whether each query sees any
-    key, `[b, lq]` (None when all do). The reduction fuses; nothing `[lq, lk]` stays live."""
+    """Boolean `[b, lq, lk]`: key j visible to query i (None when everything is visible).
+    Reduced at once (`.any(-1)`: does each query see a key?) it fuses and nothing `[lq, lk]`
+    stays live."""
     visible = None
     if causal:
         qp = jnp.arange(lq) + (lk - lq) if q_positions is None else q_positions
@@ -227,7 +217,7 @@ def _visibility(b, lq, lk, causal, q_segment_ids, kv_segment_ids, q_positions, k
         ks = jnp.zeros((b, lk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
         seg = qs[:, :, None] == ks[:, None, :]
         visible = seg if visible is None else visible & seg
-    return visible, (None if visible is None else visible.any(-1))
+    return visible
 
 
 def jax_nn_attention(q, k, v, *, implementation: str, causal=False, q_segment_ids=None,
@@ -239,10 +229,11 @@ def jax_nn_attention(q, k, v, *, implementation: str, causal=False, q_segment_id
     b, lq, _, d = q.shape
     lk = k.shape[1]
     plain_causal = causal and lq == lk and q_positions is None and kv_positions is None
-    visible, any_key = _visibility(b, lq, lk, causal and not plain_causal, q_segment_ids,
-                                   kv_segment_ids, q_positions, kv_positions)
-    if plain_causal and any_key is not None:
-        any_key = (visible & jnp.tril(jnp.ones((lq, lk), bool))).any(-1)
+    visible = _visibility(b, lq, lk, causal and not plain_causal, q_segment_ids, kv_segment_ids,
+                          q_positions, kv_positions)
+    any_key = None
+    if visible is not None:
+        any_key = (visible & jnp.tril(jnp.ones((lq, lk), bool)) if plain_causal else visible).any(-1)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=None if visible is None else visible[:, None], scale=d**-0.5 if scale is None else scale,
         is_causal=plain_causal, implementation=implementation)
@@ -285,7 +276,7 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
     plq, plk = _round_up(lq, bq), _round_up(lk, bk)
     any_key = None
     if q_segment_ids is not None or kv_segment_ids is not None or (causal and lq > lk):
-        any_key = _visibility(b, lq, lk, causal, q_segment_ids, kv_segment_ids, None, None)[1]
+        any_key = _visibility(b, lq, lk, causal, q_segment_ids, kv_segment_ids, None, None).any(-1)
     segments = None
     if q_segment_ids is not None or kv_segment_ids is not None or plq != lq or plk != lk:
         qs = jnp.zeros((b, lq), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
