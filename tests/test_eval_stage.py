@@ -199,6 +199,22 @@ def test_the_eval_stage_of_a_trained_checkpoint_end_to_end(dumped, tmp_path):
         k.startswith("aggregator.patch_embed.") for k in keys)
     record = json.loads((out / "export.json").read_text())
     assert record["step"] == 2 and record["dtype"] == "float32"
+    # The whole student in torch answers every held-out question as the eval stage did.
+    from spatial_distill.export import torch_student
+
+    student = torch_student.load(str(out))
+    said = {}
+    for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        said[row["sample_id"], row["question"]] = row["answer_text"]
+    answered = 0
+    for rec in grounded._records(records, "eval"):
+        questions = [qa.question for qa in rec.sample.qa]
+        assert [tok.encode(q, add_bos=True) for q in questions] == [list(a.prompt_ids) for a in rec.answers]
+        got = student.answer(rec.sample.rgb, questions, max_new_tokens=config.input.max_answer_len)
+        assert got == [said[rec.sample.sample_id, q] for q in questions], rec.sample.sample_id
+        answered += len(questions)
+    assert answered == len(said) > 0
     r = subprocess.run(flags + ["--config.mode=export", f"--config.export.dir={out}"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 1 and "exists and is not empty" in r.stderr and "overwrite=True" in r.stderr

@@ -15,9 +15,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from spatial_distill.kernels.attention import attention
+from spatial_distill.models.state_dict import StateDict
+from spatial_distill.models.vit_layers import export_layernorm
 from spatial_distill.sharding import constrain
 
 
@@ -51,6 +54,10 @@ def _norm(dim, rngs):
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
 
 
+def _export_linear(m: nnx.Linear, key: str) -> dict[str, np.ndarray]:
+    return {f"{key}.weight": np.asarray(m.kernel.get_value()).T, f"{key}.bias": np.asarray(m.bias.get_value())}
+
+
 class _MultiHeadAttention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, attention_impl: str = "xla", rngs: nnx.Rngs):
         self.num_heads, self.attention_impl = num_heads, attention_impl
@@ -70,6 +77,16 @@ class _MultiHeadAttention(nnx.Module):
                         kv_segment_ids=seg, implementation=self.attention_impl)
         return self.o(out.reshape(b, n, d))
 
+    def load_torch(self, sd: StateDict, prefix: str) -> None:
+        for name in ("q", "k", "v", "o"):
+            sd.linear(getattr(self, name), f"{prefix}.{name}")
+
+    def export_torch(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {}
+        for name in ("q", "k", "v", "o"):
+            out.update(_export_linear(getattr(self, name), f"{prefix}.{name}"))
+        return out
+
 
 class _DecoderLayer(nnx.Module):
     def __init__(self, cfg: DetHeadConfig, *, rngs: nnx.Rngs):
@@ -85,6 +102,24 @@ class _DecoderLayer(nnx.Module):
         q = q + self.self_attn(h, h)
         q = q + self.cross_attn(self.norm_cross(q), memory, memory_mask)
         return q + self.fc2(jax.nn.gelu(self.fc1(self.norm_mlp(q)), approximate=False))
+
+    def load_torch(self, sd: StateDict, prefix: str) -> None:
+        for name in ("norm_self", "norm_cross", "norm_mlp"):
+            sd.layernorm(getattr(self, name), f"{prefix}.{name}")
+        self.self_attn.load_torch(sd, f"{prefix}.self_attn")
+        self.cross_attn.load_torch(sd, f"{prefix}.cross_attn")
+        for name in ("fc1", "fc2"):
+            sd.linear(getattr(self, name), f"{prefix}.{name}")
+
+    def export_torch(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {}
+        for name in ("norm_self", "norm_cross", "norm_mlp"):
+            out.update(export_layernorm(getattr(self, name), f"{prefix}.{name}"))
+        out.update(self.self_attn.export_torch(f"{prefix}.self_attn"))
+        out.update(self.cross_attn.export_torch(f"{prefix}.cross_attn"))
+        for name in ("fc1", "fc2"):
+            out.update(_export_linear(getattr(self, name), f"{prefix}.{name}"))
+        return out
 
 
 class DetectionHead(nnx.Module):
@@ -123,3 +158,25 @@ class DetectionHead(nnx.Module):
         yaw = jnp.arctan2(raw[..., 6], raw[..., 7] + 1.0)  # +1: yaw starts near 0, not at the atan2 branch cut
         boxes = jnp.concatenate([centre, size, yaw[..., None]], axis=-1)
         return (logits, boxes, q) if return_hidden else (logits, boxes)
+
+    # -- checkpoints (torch layout: `export/torch_heads.DetectionHead`'s state dict) -------------
+    def load_torch(self, sd: StateDict, prefix: str) -> None:
+        sd.linear(self.input_proj, f"{prefix}.input_proj")
+        sd.layernorm(self.input_norm, f"{prefix}.input_norm")
+        sd.assign(self.queries, f"{prefix}.queries.weight")  # a torch nn.Embedding
+        for i, layer in enumerate(self.layers):
+            layer.load_torch(sd, f"{prefix}.layers.{i}")
+        sd.layernorm(self.out_norm, f"{prefix}.out_norm")
+        for name in ("class_out", "box_hidden", "box_out"):
+            sd.linear(getattr(self, name), f"{prefix}.{name}")
+
+    def export_torch(self, prefix: str) -> dict[str, np.ndarray]:
+        out = _export_linear(self.input_proj, f"{prefix}.input_proj")
+        out.update(export_layernorm(self.input_norm, f"{prefix}.input_norm"))
+        out[f"{prefix}.queries.weight"] = np.asarray(self.queries.get_value())
+        for i, layer in enumerate(self.layers):
+            out.update(layer.export_torch(f"{prefix}.layers.{i}"))
+        out.update(export_layernorm(self.out_norm, f"{prefix}.out_norm"))
+        for name in ("class_out", "box_hidden", "box_out"):
+            out.update(_export_linear(getattr(self, name), f"{prefix}.{name}"))
+        return out
