@@ -16,9 +16,13 @@ MODES = ("pipeline", "data", "dump", "train", "eval", "vision", "aot", "export")
 def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,
                 num_views: int = 4) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # synthetic | scannet
+    c.source = "synthetic"  # synthetic | scannet | tfds
     c.dir = config_dict.placeholder(str)  # where scenes are written/read; None -> WORKDIR/data
     c.scannet_dir = config_dict.placeholder(str)  # exported ScanNet scenes (source=scannet)
+    # source=tfds: a dataset of data_pipelines/tfds_sources.py (e.g. spatial_synthetic/tiny),
+    # prepared offline with `tfds build` in tfds_dir (None: TFDS's default data dir).
+    c.tfds_name = config_dict.placeholder(str)
+    c.tfds_dir = config_dict.placeholder(str)
     c.num_train_scenes = num_train_scenes  # synthetic scenes for training
     c.num_eval_scenes = num_eval_scenes  # held-out synthetic scenes (never seen in training)
     c.image_size = image_size  # square frames, a multiple of the 14-pixel VGGT patch
@@ -38,10 +42,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.seed < 0:
         bad("seed", config.seed, "must be >= 0")
     d = config.data
-    if d.source not in ("synthetic", "scannet"):
-        bad("data.source", d.source, "must be 'synthetic' or 'scannet'")
+    if d.source not in ("synthetic", "scannet", "tfds"):
+        bad("data.source", d.source, "must be 'synthetic', 'scannet' or 'tfds'")
     if d.source == "scannet" and not d.scannet_dir:
         bad("data.scannet_dir", d.scannet_dir, "must point at exported ScanNet scenes when data.source='scannet'")
+    if d.source == "tfds" and not d.tfds_name:
+        bad("data.tfds_name", d.tfds_name, "must name a prepared TFDS dataset (e.g. spatial_synthetic/tiny) "
+            "when data.source='tfds'")
     for f in ("num_train_scenes", "num_eval_scenes", "num_views", "workers"):
         if d[f] < 1:
             bad(f"data.{f}", d[f], "must be >= 1")
@@ -84,9 +91,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             bad(f"teacher.{field}", t[field], "must be >= 1")
     if len(tuple(t.mesh)) != 3:
         bad("teacher.mesh", t.mesh, "a (data, fsdp, tensor) triple, one entry may be -1")
-    if config.teacher.kind == "oracle" and d.source != "synthetic":
+    synthetic = d.source == "synthetic" or (d.source == "tfds" and str(d.tfds_name).startswith("spatial_synthetic"))
+    if config.teacher.kind == "oracle" and not synthetic:
         bad("teacher.kind", config.teacher.kind, "the oracle answers from synthetic geometry only; "
-            "data.source must be 'synthetic'")
+            "data.source must be 'synthetic' (or tfds with data.tfds_name=spatial_synthetic/...)")
     if config.teacher.temperature <= 0:
         bad("teacher.temperature", config.teacher.temperature, "must be > 0")
     if config.tokenizer.path is None and config.tokenizer.vocab_size != vocab:

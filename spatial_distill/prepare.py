@@ -1,7 +1,8 @@
 """The data stage: scenes on disk, the tokenizer, and the statistics a user checks first.
 
 Synthetic scenes are generated (or found complete from an earlier run) under
-`WORKDIR/data/{train,eval}` in the ScanNet exported-frame layout; the eval split comes from a
+`WORKDIR/data/{train,eval}` in the ScanNet exported-frame layout (`data.source=tfds` writes a
+prepared TFDS dataset's splits there instead: data_pipelines/tfds_sources.py); the eval split comes from a
 different seed stream, so its scenes are never seen in training. Without a configured teacher
 tokenizer, a byte-level BPE is trained on the training split's QA and saved to
 `WORKDIR/tokenizer/tokenizer.json`. Statistics go to stdout and `WORKDIR/data_stats.json`.
@@ -37,6 +38,11 @@ def scene_dirs(config: ml_collections.ConfigDict, workdir: str, split: str) -> l
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: data.scannet_dir must hold '{split}/<scene>' folders")
         return sorted(os.path.join(root, s) for s in os.listdir(root))
+    if d.source == "tfds":
+        from data_pipelines import tfds_sources  # registers the builders
+
+        return tfds_sources.materialize(d.tfds_name, split, d.tfds_dir,
+                                        os.path.join(data_dir(config, workdir), split))
     num = d.num_train_scenes if split == "train" else d.num_eval_scenes
     return synthetic.generate_split(
         os.path.join(data_dir(config, workdir), split), num_scenes=num,

@@ -163,8 +163,11 @@ def test_answer_tokenizes_the_question_as_the_records_do(tmp_path, tokenizer):
 
 
 def test_bfloat16_export_loads_in_bfloat16_close_to_float32(tmp_path, tokenizer):
-    # Grid pooling: the objects<k> top-k is a discrete choice that bf16 noise may flip.
-    cfg = student_cfg(tokenizer, pool="grid2", **{"depth_head.enabled": True})
+    # A student that trained in bfloat16 (float32 parameters, bf16 aggregator and decoder), as
+    # the paper preset does. Grid pooling: objects<k>'s top-k may flip under bf16 noise.
+    cfg = student_cfg(tokenizer, pool="grid2", **{"depth_head.enabled": True, "vision.dtype": "bfloat16",
+                                                  "decoder.dtype": "bfloat16"})
+    assert cfg.vision_dtype == "bfloat16" and cfg.decoder.dtype == "bfloat16"
     model, out = exported(tmp_path, tokenizer, cfg, dtype="bfloat16")
     with open(os.path.join(out, "export.json")) as f:
         assert json.load(f)["dtype"] == "bfloat16"
