@@ -23,6 +23,28 @@ Balance: every "yes" question is paired with a "no" question of the same templat
 every phrasing exactly as often with either answer; a kind with no clear "yes" or no clear "no"
 pair is not asked in that scene. Contact negatives prefer the reversed support pair ("Is the box
 on top of the sphere?" when the sphere rests on the box).
+
+Real scenes (`generate_box_qa`: ScanNet, 3D-FRONT). Every object is its yaw-rotated 3D box
+(`box_primitives`), which is NOT the object's solid: a chair's box includes the air between its
+legs, a table's box the space under its top. So every answer is about the boxes, with the same
+thresholds, and:
+  * Proximity uses the box gap; boxes that overlap have gap 0, so they are "near" (a chair tucked
+    under a table's box is near the table, which it is).
+  * Contact uses the signed box distance d: the gap when the boxes are apart, minus their overlap
+    depth (`box_overlap_depth`, the shortest translation that separates them) when they
+    interpenetrate. "touching" iff -CONTACT_NO_MIN <= d <= CONTACT_EPS (boxes that meet, or overlap
+    by at most CONTACT_NO_MIN: annotation noise of a lamp standing on a nightstand); "not touching"
+    iff d >= CONTACT_NO_MIN; otherwise not asked: the usual band, and boxes that interpenetrate by
+    more than CONTACT_NO_MIN (a chair tucked under a table, a pillow inside the bed's box), where
+    box overlap says nothing reliable about whether the objects touch. "X on top of Y" iff X
+    touches Y and X's lowest point is at most CONTACT_NO_MIN below Y's highest point (the same
+    tolerated overlap). Size compares box volumes, orientation box centres, as above.
+  * Referring expressions: the question names an object by its class name (`names[i]`, verbatim:
+    "Is the bed near the desk?"), so only objects whose name is unique in the scene (compared
+    case- and whitespace-insensitively, counting every box) may be named; classes with several
+    instances (two chairs) and the catch-all classes in GENERIC_NAMES ("otherfurniture") are never
+    named, with no ordinal or other disambiguation. They still count in "How many objects are in
+    the scene?" (all the scene's boxes).
 """
 
 from __future__ import annotations
@@ -43,6 +65,9 @@ CONTACT_EPS = 1e-3
 CONTACT_NO_MIN = 0.02
 SIZE_RATIO = 1.5
 ORIENT_MARGIN = 0.20
+
+# Catch-all classes that do not identify an object ("Is the otherfurniture near the bed?").
+GENERIC_NAMES = ("otherfurniture", "otherprop", "otherstructure")
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve")
@@ -253,6 +278,33 @@ def _balanced(kind: str, yes: list[_Item], no: list[_Item], hard_no: list[_Item]
     return [QA(picked[i].question, picked[i].answer, kind, picked[i].subjects) for i in order]
 
 
+def _pools(names: list[str], eligible: list[int], holds, hard) -> dict:
+    """Candidate questions per kind: (yes, no, hard no) lists of `_Item`s over the ordered pairs of
+    `eligible` objects. `holds(relation, i, j)` is True/False/None (not asked); `hard(i, j)` says
+    whether a "no" goes to the hard negatives offered first."""
+    pools = {kind: ([], [], []) for kind in QA_KINDS}  # yes, no, hard no
+    for i, j in itertools.permutations(eligible, 2):
+        for name, (kind, template, family) in RELATIONS.items():
+            answer = holds(name, i, j)
+            if answer is None:
+                continue
+            key = (name, i, j) if family is None else (family, min(i, j), max(i, j))
+            item = _Item(template, template.format(a=names[i], b=names[j]),
+                         "yes" if answer else "no", (i, j), key)
+            yes, no, hard_no = pools[kind]
+            (yes if answer else hard_no if hard(i, j) else no).append(item)
+    return pools
+
+
+def _ask(pools: dict, num_objects: int, max_per_kind: int, rng) -> tuple[QA, ...]:
+    out: list[QA] = []
+    for kind in ("proximity", "contact", "size", "orientation"):
+        out += _balanced(kind, *pools[kind], max_per_kind - max_per_kind % 2, rng)
+    if num_objects < len(NUMBER_WORDS):
+        out.append(QA("How many objects are in the scene?", NUMBER_WORDS[num_objects], "describe"))
+    return tuple(out)
+
+
 def generate_qa(prims: list[Primitive], names: list[str], cam_to_world: np.ndarray, rng, *,
                 max_per_kind: int = 4) -> tuple[QA, ...]:
     """Grounded, balanced yes/no questions plus one "describe" question.
@@ -268,21 +320,102 @@ def generate_qa(prims: list[Primitive], names: list[str], cam_to_world: np.ndarr
     gaps = {}
     for i, j in itertools.combinations(range(len(prims)), 2):
         gaps[i, j] = gaps[j, i] = surface_gap(prims[i], prims[j])
-    pools = {kind: ([], [], []) for kind in QA_KINDS}  # yes, no, hard no
-    for i, j in itertools.permutations(range(len(prims)), 2):
-        for name, (kind, template, family) in RELATIONS.items():
-            holds = relation(name, prims[i], prims[j], cam_to_world, gaps[i, j])
-            if holds is None:
-                continue
-            key = (name, i, j) if family is None else (family, min(i, j), max(i, j))
-            item = _Item(template, template.format(a=names[i], b=names[j]),
-                         "yes" if holds else "no", (i, j), key)
-            yes, no, hard = pools[kind]
-            # The reversed support pair is the informative "no" for "on top of".
-            (yes if holds else hard if gaps[i, j] <= CONTACT_EPS else no).append(item)
-    out: list[QA] = []
-    for kind in ("proximity", "contact", "size", "orientation"):
-        out += _balanced(kind, *pools[kind], max_per_kind - max_per_kind % 2, rng)
-    if len(prims) < len(NUMBER_WORDS):
-        out.append(QA("How many objects are in the scene?", NUMBER_WORDS[len(prims)], "describe"))
-    return tuple(out)
+    holds = lambda name, i, j: relation(name, prims[i], prims[j], cam_to_world, gaps[i, j])
+    # The reversed support pair is the informative "no" for "on top of".
+    pools = _pools(names, list(range(len(prims))), holds, lambda i, j: gaps[i, j] <= CONTACT_EPS)
+    return _ask(pools, len(prims), max_per_kind, rng)
+
+
+# ------------------------------------------------------------------------- real scenes (boxes)
+
+
+def box_primitives(boxes: np.ndarray) -> list[Primitive]:
+    """Every object of a real scene as a box `Primitive` from `boxes [N, 7]` (cx, cy, cz, dx, dy,
+    dz, yaw), whatever its class (the oracle's geometry for ScanNet / 3D-FRONT samples)."""
+    arr = np.asarray(boxes, np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 7:
+        raise GeometryError(f"boxes must have shape [N, 7] (cx, cy, cz, dx, dy, dz, yaw), got "
+                            f"{list(arr.shape)}")
+    out = []
+    for i, b in enumerate(arr):
+        if not np.isfinite(b).all() or (b[3:6] <= 0).any():
+            raise GeometryError(f"box {i}: needs finite values and sizes > 0, got {b.tolist()}")
+        out.append(Primitive("box", b[:3].copy(), b[3:6].copy(), float(b[6])))
+    return out
+
+
+def box_overlap_depth(a: Primitive, b: Primitive) -> float:
+    """How deep two boxes interpenetrate: the length of the shortest translation that separates
+    them (separating-axis test over the footprints' edge normals and z); 0 when they are apart or
+    merely touch."""
+    if a.kind != "box" or b.kind != "box":
+        raise ValueError(f"box_overlap_depth needs two boxes, got {a.kind} and {b.kind}")
+    depth = min(a.z_max, b.z_max) - max(a.z_min, b.z_min)
+    ca, cb = _corners2(a), _corners2(b)
+    for axis in np.concatenate([_rot2(a.yaw).T, _rot2(b.yaw).T]):  # the 4 edge normals
+        pa, pb = ca @ axis, cb @ axis
+        depth = min(depth, min(pa.max(), pb.max()) - max(pa.min(), pb.min()))
+    return max(float(depth), 0.0)
+
+
+def box_relation(name: str, a: Primitive, b: Primitive, cam_to_world: np.ndarray,
+                 gap: float | None = None) -> bool | None:
+    """`relation` for real-scene boxes (module docstring): contact and "on top of" tolerate an
+    overlap of up to CONTACT_NO_MIN and are not asked for boxes that overlap more deeply; every
+    other relation is `relation`'s."""
+    if name not in ("touching", "on_top"):
+        return relation(name, a, b, cam_to_world, gap)
+    gap = surface_gap(a, b) if gap is None else gap
+    signed = gap if gap > 0 else -box_overlap_depth(a, b)
+    if signed < -CONTACT_NO_MIN or CONTACT_EPS < signed < CONTACT_NO_MIN:
+        return None
+    touching = bool(signed <= CONTACT_EPS)
+    return touching if name == "touching" else touching and a.z_min >= b.z_max - CONTACT_NO_MIN
+
+
+def _name_key(name: str) -> str:
+    return " ".join(str(name).lower().split())
+
+
+def referable(names, generic_names=GENERIC_NAMES) -> list[int]:
+    """Indices of the objects a question may name: their name is non-empty, not a catch-all
+    class, and held by no other object of the scene (case- and whitespace-insensitive)."""
+    keys = [_name_key(n) for n in names]
+    counts = {k: keys.count(k) for k in set(keys)}
+    generic = {_name_key(n) for n in generic_names}
+    return [i for i, k in enumerate(keys) if k and counts[k] == 1 and k not in generic]
+
+
+def generate_box_qa(boxes: np.ndarray, names, cam_to_world: np.ndarray, rng, *,
+                    max_per_kind: int = 4, generic_names=GENERIC_NAMES) -> tuple[QA, ...]:
+    """`generate_qa` for a real scene, every object a box (module docstring: box contact rules
+    and which objects may be named).
+
+    Args:
+      boxes: `[N, 7]` world boxes (cx, cy, cz, dx, dy, dz, yaw), metres / radians, z up.
+      names: `[N]` class names ("bed", "chair"); the questions use them verbatim.
+      cam_to_world: `[4, 4]` pose of the first view (OpenCV camera; orientation questions).
+      rng: `numpy.random.Generator` choosing which questions are asked.
+      max_per_kind: at most this many questions per kind (rounded down to even).
+      generic_names: class names never used to refer to an object.
+
+    Returns:
+      Balanced yes/no questions whose `subjects` index `boxes` in template order, plus "How many
+      objects are in the scene?" (all N boxes) when N < len(NUMBER_WORDS).
+    """
+    prims = box_primitives(boxes)
+    names = [str(n) for n in names]
+    if len(names) != len(prims):
+        raise ValueError(f"need one name per box: {len(prims)} boxes, {len(names)} names")
+    pose = np.asarray(cam_to_world, np.float64)
+    if pose.shape != (4, 4) or not np.isfinite(pose).all():
+        raise ValueError(f"cam_to_world must be a finite [4, 4] pose, got shape {list(pose.shape)}")
+    eligible = referable(names, generic_names)
+    gaps, touching = {}, {}
+    for i, j in itertools.combinations(eligible, 2):
+        gaps[i, j] = gaps[j, i] = surface_gap(prims[i], prims[j])
+        touching[i, j] = touching[j, i] = box_relation("touching", prims[i], prims[j], pose,
+                                                       gaps[i, j]) is True
+    holds = lambda name, i, j: box_relation(name, prims[i], prims[j], pose, gaps[i, j])
+    pools = _pools(names, eligible, holds, lambda i, j: touching[i, j])
+    return _ask(pools, len(prims), max_per_kind, rng)

@@ -412,3 +412,16 @@ def test_slot_pooling_averages_the_grouped_patches():
     assert model.cfg.num_vision_tokens(S) == 3
     with pytest.raises(ValueError, match="slots<k>"):
         object_cfg(vision_pool="slots0").num_object_tokens
+
+
+def test_batch_contract_is_checked_at_the_model_boundary():
+    model = cached_model()
+    images, prompt, pm, answer, am = batch()
+    with pytest.raises(AssertionError, match="assert_equal_shape"):
+        model(jnp.asarray(images), prompt, pm[:, :, :-1], answer, am)
+    with pytest.raises(AssertionError, match="assert_equal_shape_prefix"):
+        model(jnp.asarray(images[:1]), prompt, pm, answer, am)
+    with pytest.raises(AssertionError, match="assert_type"):
+        model(jnp.asarray(images), prompt.astype(np.float32), pm, answer, am)
+    with pytest.raises(AssertionError, match="assert_rank"):
+        model(jnp.asarray(images[:, 0]), prompt, pm, answer, am)

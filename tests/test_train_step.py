@@ -5,6 +5,7 @@ frames are tested in test_geometry.py."""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,9 +215,7 @@ def test_train_step_skips_nonfinite_then_updates(abstract_student):
     assert (m["learning/nonfinite_steps"], m["learning/nonfinite_run"]) == (1, 1)
     after = jax.tree.map(np.asarray, state)
     assert int(after.step) == 1 and int(after.nonfinite_total) == 1
-    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
-                    jax.tree.leaves((after.params, after.opt_state))):
-        np.testing.assert_array_equal(a, b)  # nothing applied
+    chex.assert_trees_all_equal((before.params, before.opt_state), (after.params, after.opt_state))  # nothing applied
 
     state, m = step(state, good)
     m = {k: float(v) for k, v in m.items()}
@@ -290,15 +289,13 @@ def test_vggt_weights_fill_the_aggregator_and_depth_head(tmp_path):
     want = nnx.state(source).to_pure_dict()
     assert sorted(got) == ["aggregator", "camera_head", "depth_head"]  # no object head keys: random
     for part in got:
-        for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        chex.assert_trees_all_equal(got[part], want[part])
     # The vision stage's export also holds the object head: loaded too.
     save_file({k: np.ascontiguousarray(v) for k, v in
                {**tensors, **source.object_head.export_torch("object_head")}.items()},
               tmp_path / "vggt.safetensors")
     got = step_lib.vggt_weights(build, config.model.vision.checkpoint, depth_head=True)
-    for a, b in zip(jax.tree.leaves(got["object_head"]), jax.tree.leaves(want["object_head"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(got["object_head"], want["object_head"])
 
     # The vision stage's export has no depth head: the student's starts from random weights.
     no_depth = {k: v for k, v in tensors.items() if not k.startswith("depth_head.")}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -465,6 +466,16 @@ class Student(nnx.Module):
         `object_raw [B, S, h*w, F]`, `depth [B, S, H, W]`, `depth_conf [B, S, H, W]`,
         `det_logits [B, Nq, C+1]`, `det_boxes [B, Nq, 7]`.
         """
+        # The batch contract of every caller (trainer, eval, export parity): shapes and dtypes
+        # checked at trace time, so a pipeline change fails here, not as a broadcast deep inside.
+        chex.assert_rank(images, 5)
+        chex.assert_shape(images, (None, None, None, None, 3))
+        chex.assert_rank([prompt_ids, prompt_mask, answer_ids, answer_mask], 3)
+        chex.assert_equal_shape([prompt_ids, prompt_mask])
+        chex.assert_equal_shape([answer_ids, answer_mask])
+        chex.assert_equal_shape_prefix([images, prompt_ids, answer_ids], 1)
+        chex.assert_equal_shape_prefix([prompt_ids, answer_ids], 2)
+        chex.assert_type([prompt_ids, answer_ids], int)
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 255.0
         b, s, hh, ww, _ = images.shape

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -221,13 +221,23 @@ def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
         shape = jax.eval_shape(frozen_vision, abstract_state.params["student"], batch_spec["rgb"])
         train_spec = {**batch_spec, "vision_inputs": jax.ShapeDtypeStruct(
             shape.shape, shape.dtype, sharding=batch_sharding)}
-    train_fn = jax.jit(
-        functools.partial(step_lib.train_step, tx=tx, schedule=schedule,
-                          accum_steps=int(config.train.accum_steps), **step_kw),
-        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, replicated),
-        donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, **step_kw),
-                      in_shardings=(state_sh.params, state_sh.dwa, batch_sharding),
+    # Each step traces once: the batch shapes are static (configured), so a second trace means
+    # a shape or dtype changed between steps, which would silently recompile every few steps.
+    # chex counts traces per definition site, process-wide: a fresh Programs starts its count.
+    chex.clear_trace_counter()
+
+    @chex.assert_max_traces(n=1)
+    def train_step(state, batch):
+        return step_lib.train_step(state, batch, tx=tx, schedule=schedule,
+                                   accum_steps=int(config.train.accum_steps), **step_kw)
+
+    @chex.assert_max_traces(n=1)
+    def eval_step(params, dwa, batch):
+        return step_lib.eval_step(params, dwa, batch, **step_kw)
+
+    train_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sharding),
+                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    eval_fn = jax.jit(eval_step, in_shardings=(state_sh.params, state_sh.dwa, batch_sharding),
                       out_shardings=replicated)
     return Programs(model_cfg, build, student_lib.parameter_breakdown(abstract_model), spec, init,
                     abstract_state, state_sh, batch_spec, train_spec, train_fn, eval_fn, vision_fn)
