@@ -350,11 +350,12 @@ def box_overlap_depth(a: Primitive, b: Primitive) -> float:
     merely touch."""
     if a.kind != "box" or b.kind != "box":
         raise ValueError(f"box_overlap_depth needs two boxes, got {a.kind} and {b.kind}")
-    depth = min(a.z_max, b.z_max) - max(a.z_min, b.z_min)
+    # Along each axis: how far either box must move to clear the other (containment included).
+    depth = min(a.z_max - b.z_min, b.z_max - a.z_min)
     ca, cb = _corners2(a), _corners2(b)
     for axis in np.concatenate([_rot2(a.yaw).T, _rot2(b.yaw).T]):  # the 4 edge normals
         pa, pb = ca @ axis, cb @ axis
-        depth = min(depth, min(pa.max(), pb.max()) - max(pa.min(), pb.min()))
+        depth = min(depth, pa.max() - pb.min(), pb.max() - pa.min())
     return max(float(depth), 0.0)
 
 
