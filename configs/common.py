@@ -16,9 +16,23 @@ MODES = ("pipeline", "data", "dump", "train", "eval", "vision", "aot", "export")
 def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,
                 num_views: int = 4) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # synthetic | scannet | tfds
+    c.source = "synthetic"  # synthetic | scannet | front3d | tfds
     c.dir = config_dict.placeholder(str)  # where scenes are written/read; None -> WORKDIR/data
-    c.scannet_dir = config_dict.placeholder(str)  # exported ScanNet scenes (source=scannet)
+    # Real scenes (data_pipelines/real_scenes.py): one folder per scene under the directory, read
+    # once into WORKDIR/data/scenes with S views at image_size and their questions.
+    c.scannet_dir = config_dict.placeholder(str)  # source=scannet: exported or posed_images scenes
+    c.front3d_dir = config_dict.placeholder(str)  # source=front3d: rendered rooms (front3d.py layout)
+    c.frame_sampling = "uniform"  # scannet: uniform | coverage (scannet.read_scene), from config.seed
+    # Questions of real scenes: a JSON-lines file (data_pipelines/user_qa.py), or None to derive
+    # them from the 3D boxes (spatial_qa.generate_box_qa).
+    c.qa_file = config_dict.placeholder(str)
+    # Splits of real scenes (data_pipelines/splits.py): read from splits_file, else made once from
+    # config.seed and stored in WORKDIR/splits.json. scene: scene-disjoint; paper: the paper's
+    # random per-question split (leaks scenes between splits; for comparison only).
+    c.splits_file = config_dict.placeholder(str)
+    c.split_mode = "scene"
+    c.split_fractions = (0.8, 0.1, 0.1)  # train / val / test
+    c.eval_split = "val"  # the split the eval stage reads (val | test)
     # source=tfds: a dataset of data_pipelines/tfds_sources.py (e.g. spatial_synthetic/tiny),
     # prepared offline with `tfds build` in tfds_dir (None: TFDS's default data dir).
     c.tfds_name = config_dict.placeholder(str)
@@ -42,10 +56,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.seed < 0:
         bad("seed", config.seed, "must be >= 0")
     d = config.data
-    if d.source not in ("synthetic", "scannet", "tfds"):
-        bad("data.source", d.source, "must be 'synthetic', 'scannet' or 'tfds'")
+    if d.source not in ("synthetic", "scannet", "front3d", "tfds"):
+        bad("data.source", d.source, "must be 'synthetic', 'scannet', 'front3d' or 'tfds'")
     if d.source == "scannet" and not d.scannet_dir:
         bad("data.scannet_dir", d.scannet_dir, "must point at exported ScanNet scenes when data.source='scannet'")
+    if d.source == "front3d" and not d.front3d_dir:
+        bad("data.front3d_dir", d.front3d_dir, "must point at rendered 3D-FRONT rooms when data.source='front3d'")
+    if d.split_mode not in ("scene", "paper"):
+        bad("data.split_mode", d.split_mode, "must be 'scene' or 'paper'")
+    if d.eval_split not in ("val", "test"):
+        bad("data.eval_split", d.eval_split, "must be 'val' or 'test'")
+    if d.frame_sampling not in ("uniform", "coverage"):
+        bad("data.frame_sampling", d.frame_sampling, "must be 'uniform' or 'coverage'")
     if d.source == "tfds" and not d.tfds_name:
         bad("data.tfds_name", d.tfds_name, "must name a prepared TFDS dataset (e.g. spatial_synthetic/tiny) "
             "when data.source='tfds'")
@@ -91,10 +113,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             bad(f"teacher.{field}", t[field], "must be >= 1")
     if len(tuple(t.mesh)) != 3:
         bad("teacher.mesh", t.mesh, "a (data, fsdp, tensor) triple, one entry may be -1")
-    synthetic = d.source == "synthetic" or (d.source == "tfds" and str(d.tfds_name).startswith("spatial_synthetic"))
-    if config.teacher.kind == "oracle" and not synthetic:
-        bad("teacher.kind", config.teacher.kind, "the oracle answers from synthetic geometry only; "
-            "data.source must be 'synthetic' (or tfds with data.tfds_name=spatial_synthetic/...)")
+    if config.teacher.kind == "oracle" and d.source == "tfds" and not str(d.tfds_name).startswith("spatial_synthetic"):
+        bad("teacher.kind", config.teacher.kind, "the oracle needs scenes whose geometry it knows how to read: "
+            "synthetic solids or real scenes' boxes (data.source=scannet / front3d), not another TFDS dataset")
     if config.teacher.temperature <= 0:
         bad("teacher.temperature", config.teacher.temperature, "must be > 0")
     if config.tokenizer.path is None and config.tokenizer.vocab_size != vocab:

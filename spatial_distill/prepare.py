@@ -15,7 +15,8 @@ import os
 
 import ml_collections
 
-from data_pipelines import scannet, synthetic
+from data_pipelines import real_scenes, scannet, synthetic
+from data_pipelines import splits as splits_lib
 from spatial_distill import tokenizer as tokenizer_lib
 
 SPLIT_SEED_OFFSET = {"train": 0, "eval": 1}
@@ -30,14 +31,44 @@ def split_seed(config: ml_collections.ConfigDict, split: str) -> int:
     return 2 * config.seed + SPLIT_SEED_OFFSET[split]
 
 
+def real_scene_dirs(config: ml_collections.ConfigDict, workdir: str, split: str) -> list[str]:
+    """A real source's scenes of `split` ("train", or "eval": `data.eval_split`), read once into
+    `data/scenes` with their questions; the splits from `data.splits_file` or made once from
+    `config.seed` into WORKDIR/splits.json."""
+    d = config.data
+    root = d.scannet_dir if d.source == "scannet" else d.front3d_dir
+    ids = real_scenes.scene_ids(root)
+    scenes = os.path.join(data_dir(config, workdir), "scenes")
+    folders = real_scenes.materialize(source=d.source, root=root, ids=ids, out_dir=scenes,
+                                      num_views=d.num_views, image_size=(d.image_size, d.image_size),
+                                      seed=config.seed, sampling=d.frame_sampling, qa_file=d.qa_file)
+    # A paper split divides questions: scenes without any take no part in it.
+    questions = {sid: len(scannet.read_scene_qa(f)) for sid, f in zip(ids, folders)}
+    asked = [sid for sid in ids if questions[sid]]
+    path = d.splits_file or os.path.join(workdir, "splits.json")
+    if os.path.exists(path):
+        mode = splits_lib.read_splits(path).mode
+        splits = splits_lib.read_splits(path, scene_ids=ids if mode == "scene" else asked)
+    else:
+        paper = d.split_mode == "paper"
+        splits = splits_lib.make_splits(asked if paper else ids, mode=d.split_mode, seed=config.seed,
+                                        fractions=tuple(d.split_fractions),
+                                        num_questions={s: questions[s] for s in asked} if paper else None)
+        splits_lib.write_splits(splits, path)
+    name = "train" if split == "train" else d.eval_split
+    if not splits.scene_ids(name):
+        raise ValueError(f"{path}: the {name!r} split is empty ({len(ids)} scenes, fractions "
+                         f"{tuple(d.split_fractions)}); add scenes or change data.split_fractions")
+    if splits.mode == "paper":
+        return real_scenes.question_split(splits, name, scenes, os.path.join(data_dir(config, workdir), name))
+    return [os.path.join(scenes, sid) for sid in splits.scene_ids(name)]
+
+
 def scene_dirs(config: ml_collections.ConfigDict, workdir: str, split: str) -> list[str]:
     """The split's scene folders (generating missing synthetic scenes; resumable)."""
     d = config.data
-    if d.source == "scannet":
-        root = os.path.join(d.scannet_dir, split)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: data.scannet_dir must hold '{split}/<scene>' folders")
-        return sorted(os.path.join(root, s) for s in os.listdir(root))
+    if d.source in real_scenes.READERS:
+        return real_scene_dirs(config, workdir, split)
     if d.source == "tfds":
         from data_pipelines import tfds_sources  # registers the builders
 

@@ -58,8 +58,10 @@ def make_teacher(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tea
     check_teacher_config(config)
     kind = config.teacher.kind
     if kind == "oracle":
+        # Real scenes' questions come from their 3D boxes; synthetic ones from exact solids.
+        boxes = config.data.source in ("scannet", "front3d")
         return OracleTeacher(tokenizer, floor=config.teacher.oracle_floor,
-                             ceiling=config.teacher.oracle_ceiling)
+                             ceiling=config.teacher.oracle_ceiling, geometry="boxes" if boxes else "solids")
     if kind == "llava3d":
         from spatial_distill.teacher import llava3d_teacher
 

@@ -1,6 +1,9 @@
-"""The oracle teacher for synthetic scenes: answers from the geometry, with calibrated softness.
+"""The oracle teacher: answers from the scene's geometry, with calibrated softness.
 
-It is *synthetic*: nothing here is a learned model. Its greedy answer is the grounded answer (the
+It is *synthetic*: nothing here is a learned model. It reads the geometry the questions were
+derived from: the exact solids of the synthetic scenes (`geometry="solids"`), or the 3D boxes of
+real scenes (`geometry="boxes"`: every object its box, contact by the signed box distance, as
+`spatial_qa.generate_box_qa` decides). Its greedy answer is the grounded answer (the
 scene's QA answer, computed from exact geometry by `data_pipelines.spatial_qa`). Its distribution
 over the first answer token puts `confidence` on the right word, most of the rest on the opposite
 word ("yes" <-> "no") and a little spread over the vocabulary. The confidence grows with how far
@@ -44,17 +47,26 @@ def _relation_name(qa, names: Sequence[str]) -> str | None:
     return None
 
 
-def margin(sample: Sample, qa_index: int) -> float:
+GEOMETRIES = ("solids", "boxes")
+
+
+def margin(sample: Sample, qa_index: int, geometry: str = "solids") -> float:
     """How far the geometry is from flipping the answer, in units of the kind's scale."""
     qa = sample.qa[qa_index]
     if qa.kind not in SCALES:
         return float("inf")
-    prims = spatial_qa.primitives_from_boxes(sample.boxes, sample.labels)
+    if geometry == "boxes":
+        prims = spatial_qa.box_primitives(sample.boxes)
+    else:
+        prims = spatial_qa.primitives_from_boxes(sample.boxes, sample.labels)
     a, b = (prims[i] for i in qa.subjects)
     if qa.kind == "proximity":
         m = abs(spatial_qa.surface_gap(a, b) - spatial_qa.NEAR)
     elif qa.kind == "contact":
-        m = abs(spatial_qa.surface_gap(a, b) - spatial_qa.CONTACT_NO_MIN / 2)
+        gap = spatial_qa.surface_gap(a, b)
+        if geometry == "boxes" and gap <= 0:  # overlapping boxes: minus how deep they overlap
+            gap = -spatial_qa.box_overlap_depth(a, b)
+        m = abs(gap - spatial_qa.CONTACT_NO_MIN / 2)
     elif qa.kind == "size":
         m = abs(np.log(a.volume() / b.volume()))
     else:
@@ -71,20 +83,24 @@ class OracleTeacher:
 
     revision = "1"
 
-    def __init__(self, tokenizer: Tokenizer, *, floor: float = 0.6, ceiling: float = 0.95):
+    def __init__(self, tokenizer: Tokenizer, *, floor: float = 0.6, ceiling: float = 0.95,
+                 geometry: str = "solids"):
         if not 0.5 <= floor <= ceiling < 1.0:
             raise ValueError(f"oracle calibration needs 0.5 <= floor <= ceiling < 1, got floor={floor}, "
                              f"ceiling={ceiling} (config.teacher.oracle_floor / oracle_ceiling)")
-        self.tokenizer, self.floor, self.ceiling = tokenizer, floor, ceiling
-        self.teacher_id = "oracle-synthetic"
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"oracle geometry {geometry!r}: choose one of {GEOMETRIES}")
+        self.tokenizer, self.floor, self.ceiling, self.geometry = tokenizer, floor, ceiling, geometry
+        self.teacher_id = "oracle-synthetic" if geometry == "solids" else "oracle-boxes"
 
     def calibration(self) -> dict:
-        return {"kind": "synthetic oracle: answers from exact geometry",
+        kind = "synthetic oracle: answers from exact geometry" + (" (3D boxes)" if self.geometry == "boxes" else "")
+        return {"kind": kind,
                 "formula": "floor + (ceiling - floor) * tanh(margin / scale)",
                 "floor": self.floor, "ceiling": self.ceiling, "scales": SCALES, "spread": SPREAD}
 
     def confidence(self, sample: Sample, qa_index: int) -> float:
-        return self.floor + (self.ceiling - self.floor) * float(np.tanh(margin(sample, qa_index)))
+        return self.floor + (self.ceiling - self.floor) * float(np.tanh(margin(sample, qa_index, self.geometry)))
 
     def answer(self, sample: Sample, prompts) -> list[list[int]]:
         return [self.tokenizer.encode(qa.answer, add_eos=True) for qa in sample.qa]
