@@ -23,6 +23,9 @@ def data_config(*, image_size: int, num_train_scenes: int, num_eval_scenes: int,
     c.scannet_dir = config_dict.placeholder(str)  # source=scannet: exported or posed_images scenes
     c.front3d_dir = config_dict.placeholder(str)  # source=front3d: rendered rooms (front3d.py layout)
     c.frame_sampling = "uniform"  # scannet: uniform | coverage (scannet.read_scene), from config.seed
+    # scannet: ScanNet's scannetv2-labels.combined.tsv, to label instance boxes from the mesh
+    # annotations (raw category -> NYU40 -> ScanNet18); not needed for boxes in scene.json / .npy.
+    c.scannet_labels_tsv = config_dict.placeholder(str)
     # Questions of real scenes: a JSON-lines file (data_pipelines/user_qa.py), or None to derive
     # them from the 3D boxes (spatial_qa.generate_box_qa).
     c.qa_file = config_dict.placeholder(str)

@@ -71,7 +71,7 @@ def with_questions(sample: Sample, *, seed: int, user: dict | None) -> Sample:
 
 def materialize(*, source: str, root, ids, out_dir, num_views: int, image_size: tuple[int, int],
                 seed: int = 0, sampling: str = "uniform", qa_file: str | None = None,
-                stats: Stats | None = None) -> list[str]:
+                labels_tsv: str | None = None, stats: Stats | None = None) -> list[str]:
     """Writes scenes `ids` of `root` under `out_dir` with all their questions; returns the folders."""
     if source not in READERS:
         raise ValueError(f"config.data.source = {source!r}: real scenes come from {sorted(READERS)}")
@@ -90,7 +90,7 @@ def materialize(*, source: str, root, ids, out_dir, num_views: int, image_size: 
             continue
         kwargs = {"num_views": num_views, "image_size": image_size, "seed": seed}
         if source == "scannet":
-            kwargs["sampling"] = sampling
+            kwargs.update(sampling=sampling, labels_tsv=labels_tsv)
         sample = READERS[source](str(pathlib.Path(root) / sid), **kwargs)
         sample = with_questions(dataclasses.replace(sample, sample_id=sid), seed=seed, user=user)
         if not sample.qa:

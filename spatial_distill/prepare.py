@@ -41,7 +41,8 @@ def real_scene_dirs(config: ml_collections.ConfigDict, workdir: str, split: str)
     scenes = os.path.join(data_dir(config, workdir), "scenes")
     folders = real_scenes.materialize(source=d.source, root=root, ids=ids, out_dir=scenes,
                                       num_views=d.num_views, image_size=(d.image_size, d.image_size),
-                                      seed=config.seed, sampling=d.frame_sampling, qa_file=d.qa_file)
+                                      seed=config.seed, sampling=d.frame_sampling, qa_file=d.qa_file,
+                                      labels_tsv=d.scannet_labels_tsv)
     # A paper split divides questions: scenes without any take no part in it.
     questions = {sid: len(scannet.read_scene_qa(f)) for sid, f in zip(ids, folders)}
     asked = [sid for sid in ids if questions[sid]]

@@ -71,6 +71,33 @@ def test_scenes_are_read_once_with_box_questions_and_split_by_scene(tmp_path):
     assert os.path.getmtime(Path(train[0]) / "scene.json") == stamp
 
 
+def test_the_data_stage_reads_scannet_annotations(tmp_path):
+    """The real-layout fixture of test_scannet_real (exported frames, an inf pose, axis
+    alignment, mesh + aggregation instances with a labels table, a votenet boxes .npy)."""
+    from tests import test_scannet_real as fx
+
+    for s in (0, 1):
+        fx.write_export(tmp_path / "export" / f"scene000{s}_00", s)
+    scan = tmp_path / "scans" / "scene0000_00"  # found as <scene>/../../scans/<scene_id>
+    scan.mkdir(parents=True)
+    (scan / "scene0000_00.txt").write_text(
+        "axisAlignment = " + " ".join(f"{v:g}" for v in fx.ALIGN.reshape(-1)) + "\n")
+    (scan / "scene0000_00_vh_clean_2.ply").write_bytes(fx.ply_bytes(fx.VERTS))
+    (scan / "scene0000_00_vh_clean_2.0.010000.segs.json").write_text(json.dumps({"segIndices": fx.SEGS}))
+    (scan / "scene0000_00.aggregation.json").write_text(json.dumps({"segGroups": fx.GROUPS}))
+    (tmp_path / "scans" / "scene0001_00").mkdir()
+    np.save(tmp_path / "scans" / "scene0001_00" / "scene0001_00_bbox.npy", fx.NPY)
+    (tmp_path / "labels.tsv").write_text(fx.TSV)
+    c = config(tmp_path / "export", scannet_labels_tsv=str(tmp_path / "labels.tsv"))
+    dirs = prepare.scene_dirs(c, str(tmp_path / "w"), "train") + prepare.scene_dirs(c, str(tmp_path / "w"), "eval")
+    got = {Path(d).name: scannet.read_scene(d) for d in dirs}
+    assert sorted(got) == ["scene0000_00", "scene0001_00"]
+    mesh = got["scene0000_00"]
+    np.testing.assert_allclose(mesh.boxes, np.array(fx.MESH_BOXES, np.float32), atol=1e-5)  # axis-aligned
+    assert mesh.label_names == ("chair", "table") and mesh.num_views == 2 and mesh.image_size == (56, 56)
+    assert got["scene0001_00"].boxes.shape[0] >= 1
+
+
 def test_user_questions_and_the_paper_split(tmp_path):
     written = write_fixture(tmp_path / "scans", n=3)
     qa_file = tmp_path / "qa.jsonl"
