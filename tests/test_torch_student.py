@@ -191,6 +191,9 @@ def test_bfloat16_export_loads_in_bfloat16_close_to_float32(tmp_path, tokenizer)
 
 
 def test_config_round_trips_through_json(tokenizer):
+    from spatial_distill.teacher import dump
+
+    assert torch_student.PROMPT_TEMPLATE == dump.PROMPT_TEMPLATE  # answer() prompts as the records do
     for case in CASES.values():
         cfg = student_cfg(tokenizer, **case)
         data = json.loads(json.dumps(torch_student.config_to_json(cfg)))

@@ -42,6 +42,8 @@ from spatial_distill.export import (
 from spatial_distill.export import STUDENT_CONFIG as CONFIG_FILE
 from spatial_distill.models import student as student_lib
 
+PROMPT_TEMPLATE = "<s>{question}"  # teacher.dump.PROMPT_TEMPLATE: what every record's prompt is
+
 
 def _cache_argument() -> str:
     """transformers 5.24 renamed `past_key_values` (argument and output field) to `cache`."""
@@ -97,11 +99,10 @@ class TorchStudent(nn.Module):
     `transformers.LlamaForCausalLM`."""
 
     def __init__(self, cfg: student_lib.StudentConfig, decoder: nn.Module, *, bos_id: int, eos_id: int,
-                 pad_id: int, prompt_template: str = "<s>{question}", tokenizer=None):
+                 pad_id: int, tokenizer=None):
         super().__init__()
         self.cfg = cfg
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.prompt_template = prompt_template
         self.tokenizer = tokenizer
         vision_width = 2 * cfg.aggregator.embed_dim
         d = cfg.decoder.hidden_size
@@ -430,8 +431,11 @@ def load(out_dir: str, *, dtype: torch.dtype | None = None) -> TorchStudent:
     if (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) != (tok["bos_id"], tok["eos_id"], tok["pad_id"]):
         raise ValueError(f"{decoder_dir}: tokenizer special ids {(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)} "
                          f"differ from {path}'s {(tok['bos_id'], tok['eos_id'], tok['pad_id'])}: a mixed export")
+    if meta.get("prompt_template") != PROMPT_TEMPLATE:
+        raise ValueError(f"{path}: prompt_template {meta.get('prompt_template')!r}; `answer` writes prompts as "
+                         f"{PROMPT_TEMPLATE!r} (BOS, then the question): re-export with this version")
     model = TorchStudent(cfg, decoder, bos_id=tok["bos_id"], eos_id=tok["eos_id"], pad_id=tok["pad_id"],
-                         prompt_template=meta.get("prompt_template", "<s>{question}"), tokenizer=tokenizer)
+                         tokenizer=tokenizer)
     tensors = {**_read_safetensors(os.path.join(out_dir, VGGT_FILE)),
                **_read_safetensors(os.path.join(out_dir, STUDENT_FILE))}
     model.set_dtype(dtype or decoder.dtype)
