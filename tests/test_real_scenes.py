@@ -148,9 +148,10 @@ def test_the_main_job_on_a_tiny_scannet_fixture_end_to_end(tmp_path):
     write_fixture(tmp_path / "scans", n=6)
     flags = [sys.executable, "run.py", "--config=configs/student.py:tiny", f"--workdir={tmp_path / 'w'}",
              "--config.data.source=scannet", f"--config.data.scannet_dir={tmp_path / 'scans'}",
-             "--config.data.image_size=56", "--config.data.num_views=2",
+             "--config.data.image_size=56", "--config.data.num_views=2", "--config.model.vision_pool=objects16",
              "--config.data.split_fractions=(0.5,0.5,0.0)", "--config.tokenizer.vocab_size=280",
-             "--config.model.decoder.vocab_size=280", "--config.train.steps=2",
+             "--config.model.decoder.vocab_size=280", "--config.train.steps=2", "--config.teacher.num_shards=2",
+             "--config.input.max_prompt_len=48",
              "--config.train.batch_size=2", "--config.eval.report_samples=1"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run(flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
