@@ -121,7 +121,7 @@ def test_config_names_a_missing_tfds_dataset():
     with pytest.raises(ValueError, match="config.data.tfds_name = None: must name a prepared TFDS dataset"):
         common.validate(c)
     c.data.tfds_name = "scannet_scenes/112px_4views"
-    with pytest.raises(ValueError, match="the oracle answers from synthetic geometry only"):
+    with pytest.raises(ValueError, match="the oracle needs scenes whose geometry it knows how to read"):
         common.validate(c)
     c.data.tfds_name = "spatial_synthetic/tiny"
     common.validate(c)

@@ -115,10 +115,23 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def export_of(tmp_path_factory, tokenizer):
+    """case -> (Flax model, its export dir), built once per module (tests only read them)."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = exported(tmp_path_factory.mktemp(case), tokenizer, student_cfg(tokenizer, **CASES[case]))
+        return cache[case]
+
+    return get
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_torch_student_matches_flax_on_every_output_and_answer(tmp_path, tokenizer, case):
-    cfg = student_cfg(tokenizer, **CASES[case])
-    model, out = exported(tmp_path, tokenizer, cfg)
+def test_torch_student_matches_flax_on_every_output_and_answer(export_of, tokenizer, case):
+    model, out = export_of(case)
+    cfg = model.cfg
     student = torch_student.load(out)
     assert not student.training and student.cfg == cfg
     data = batch(tokenizer)
@@ -136,9 +149,8 @@ def test_torch_student_matches_flax_on_every_output_and_answer(tmp_path, tokeniz
     np.testing.assert_array_equal(t_tokens.numpy(), np.asarray(tokens))
 
 
-def test_answer_tokenizes_the_question_as_the_records_do(tmp_path, tokenizer):
-    cfg = student_cfg(tokenizer)
-    model, out = exported(tmp_path, tokenizer, cfg)
+def test_answer_tokenizes_the_question_as_the_records_do(export_of, tokenizer):
+    model, out = export_of("objects")
     student = torch_student.load(out)
     images = batch(tokenizer)[0][0]  # one scene's views [S, H, W, 3] uint8
     questions = ["Is the red box near the blue cylinder?", "Is the cyan sphere near the white cylinder?"]
@@ -202,9 +214,8 @@ def test_config_round_trips_through_json(tokenizer):
         torch_student.config_from_json({**torch_student.config_to_json(cfg), "future": 1})
 
 
-def test_broken_exports_are_named(tmp_path, tokenizer):
-    cfg = student_cfg(tokenizer, pool="grid2", **{"object_head.enabled": False})
-    _, out = exported(tmp_path, tokenizer, cfg)
+def test_broken_exports_are_named(tmp_path, export_of):
+    _, out = export_of("mean1")
     with pytest.raises(FileNotFoundError, match="student_config.json is missing"):
         torch_student.load(str(tmp_path))
     broken = str(tmp_path / "broken")
