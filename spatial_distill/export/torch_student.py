@@ -57,6 +57,11 @@ def _cache_argument() -> str:
 _CACHE_ARG = _cache_argument()
 
 
+def _tensor(x) -> torch.Tensor:
+    """Tensors as given (any device); numpy arrays and lists as CPU tensors."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
 # -- config <-> JSON ---------------------------------------------------------------------------
 def config_to_json(cfg: student_lib.StudentConfig) -> dict:
     """`StudentConfig` (nested dataclasses, tuples, dtypes) as plain JSON values."""
@@ -288,6 +293,8 @@ class TorchStudent(nn.Module):
         `vision_tokens [B, Nv, D]` and, with the heads, `grounding [B, Q, 2, F]`, `relation [B, Q]`,
         `pose_enc_list`, `object_raw`, `depth [B, S, H, W]`, `depth_conf`, `det_logits`, `det_boxes`."""
         images = self._images(images)
+        prompt_ids, prompt_mask, answer_ids, answer_mask = (
+            _tensor(x) for x in (prompt_ids, prompt_mask, answer_ids, answer_mask))
         b, s, hh, ww, _ = images.shape
         q, lp = prompt_ids.shape[1:]
         la = answer_ids.shape[-1]
@@ -318,7 +325,7 @@ class TorchStudent(nn.Module):
         return out
 
     def _images(self, images) -> torch.Tensor:
-        images = torch.as_tensor(images)
+        images = _tensor(images)
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         dtype = next(self.aggregator.parameters()).dtype
@@ -330,6 +337,7 @@ class TorchStudent(nn.Module):
         """Greedy answers to every question (`Student.generate`): tokens `[B, Q, T]` (pad after
         EOS) and lengths `[B, Q]` (emitted tokens, EOS included)."""
         images = self._images(images)
+        prompt_ids, prompt_mask = (_tensor(x) for x in (prompt_ids, prompt_mask))
         b, q = prompt_ids.shape[:2]
         self.cfg.check_lengths(images.shape[1], prompt_ids.shape[-1], max_new_tokens)
         seen = self.see(images)
