@@ -49,7 +49,7 @@ TEXT_TOKENS = 60  # llava_v1 system prompt + a question, in Llama tokens
 QUESTION_TOKENS = 16
 
 
-def teacher_config(preset: str, dtype) -> llava3d.LLaVA3DConfig:
+def teacher_config(preset: str, dtype, scan_layers: bool) -> llava3d.LLaVA3DConfig:
     cfg = llava3d.LLaVA3DConfig.seven_b()
     llama, clip = cfg.llama, cfg.clip
     if preset == "7b-2L":
@@ -57,7 +57,8 @@ def teacher_config(preset: str, dtype) -> llava3d.LLaVA3DConfig:
         clip = dataclasses.replace(clip, num_layers=3)  # layer -2 of 3: two layers run
     elif preset != "7b":
         raise ValueError(f"--teacher {preset!r}: choose 7b or 7b-2L")
-    return dataclasses.replace(cfg, llama=dataclasses.replace(llama, dtype=dtype, param_dtype=dtype),
+    llama = dataclasses.replace(llama, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    return dataclasses.replace(cfg, llama=llama,
                                clip=dataclasses.replace(clip, dtype=dtype, param_dtype=dtype))
 
 
@@ -105,6 +106,16 @@ def device_peaks(dtype) -> tuple[float, float]:
     return flops, bandwidth
 
 
+def gemm_rate(rows: int, llm, dtype) -> float:
+    """FLOP/s of one of the model's MLP matmuls `[rows, hidden] x [hidden, intermediate]`: what
+    its prefill can reach at that prompt length on this device (small row counts leave the
+    matmul units idle long before the roofline says so)."""
+    c = llm.config
+    x, w = jnp.ones((rows, c.hidden_size), dtype), jnp.ones((c.hidden_size, c.intermediate_size), dtype)
+    mm = jax.jit(lambda a, b: a @ b)
+    return 2 * rows * c.hidden_size * c.intermediate_size / float(np.median(timed(lambda: mm(x, w), 10)))
+
+
 def measure(llm, vision_fn, embeds, runs: int, new_tokens: int) -> dict:
     """Times vision, prefill and decode of one model; `embeds` `[1, P, D]` is its prompt."""
     P = embeds.shape[1]
@@ -123,7 +134,7 @@ def measure(llm, vision_fn, embeds, runs: int, new_tokens: int) -> dict:
             "prefill_p50": pct(t_prefill, 50), "prefill_p90": pct(t_prefill, 90),
             "decode_p50": pct(per_token, 50), "decode_p90": pct(per_token, 90),
             "tokens_per_s": 1e3 / pct(per_token, 50), "prefill_gib": memory_gib(prefill),
-            **lm_stats(llm, P)}
+            "gemm_gflops": gemm_rate(P, llm, embeds.dtype) / 1e9, **lm_stats(llm, P)}
 
 
 def main() -> None:
@@ -134,14 +145,20 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16" if jax.default_backend() != "cpu" else "float32")
+    # Inference layout of both language models. Scanned (stacked) layers make XLA slice every
+    # layer's weights out of the stack inside the loop, a copy of the whole model per call: on
+    # the 2-core CPU the student's 28-token prefill ran 2.3x slower that way (docs/benchmarks.md).
+    p.add_argument("--layers", choices=("per_layer", "scanned"), default="per_layer")
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)
     rng = np.random.default_rng(0)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
-          f"batch 1, {args.views} view(s), {args.new_tokens} new tokens, {args.runs} timed runs")
+          f"batch 1, {args.views} view(s), {args.new_tokens} new tokens, {args.runs} timed runs, "
+          f"{args.layers.replace('_', '-')} decoder layers")
 
     # Teacher: a scene of V views whose patches all fall in distinct voxels (the most tokens).
-    tcfg = teacher_config(args.teacher, dtype)
+    scan = args.layers == "scanned"
+    tcfg = teacher_config(args.teacher, dtype, scan)
     teacher = llava3d.LLaVA3D(tcfg, rngs=nnx.Rngs(0))
     S = tcfg.clip.image_size
     images = jnp.asarray(rng.normal(size=(1, args.views, 3, S, S)).astype(np.float32))
@@ -162,7 +179,8 @@ def main() -> None:
 
     # Student: the same number of views at its own resolution, one question.
     scfg, size = config_for(args.student)
-    scfg = dataclasses.replace(scfg, decoder=dataclasses.replace(scfg.decoder, dtype=dtype, param_dtype=dtype))
+    scfg = dataclasses.replace(scfg, decoder=dataclasses.replace(scfg.decoder, dtype=dtype, param_dtype=dtype,
+                                                                 scan_layers=scan))
     student = st.create(scfg, 0)
     simages = jnp.asarray(rng.uniform(size=(1, args.views, size, size, 3)).astype(np.float32))
     prompt = jnp.asarray(rng.integers(4, scfg.decoder.vocab_size, size=(1, 1, QUESTION_TOKENS)), jnp.int32)
@@ -176,7 +194,8 @@ def main() -> None:
             ("vision p50 / p90 ms", ("vision_p50", "vision_p90"), "{:.1f} / {:.1f}"),
             ("prefill p50 / p90 ms", ("prefill_p50", "prefill_p90"), "{:.1f} / {:.1f}"),
             ("decode p50 / p90 ms/token", ("decode_p50", "decode_p90"), "{:.2f} / {:.2f}"),
-            ("decode tokens/s", "tokens_per_s", "{:.1f}"), ("prefill program GiB", "prefill_gib", "{:.2f}")]
+            ("decode tokens/s", "tokens_per_s", "{:.1f}"), ("prefill program GiB", "prefill_gib", "{:.2f}"),
+            ("MLP matmul at prompt rows", "gemm_gflops", "{:.0f} GFLOP/s")]
     print(f"\n{'':28s} {'teacher ' + args.teacher:>24s} {'student ' + args.student:>24s}")
     for name, key, fmt in rows:
         cell = lambda m: fmt.format(*(m[k] for k in key)) if isinstance(key, tuple) else fmt.format(m[key])  # noqa: E731

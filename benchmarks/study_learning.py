@@ -40,8 +40,11 @@ def run(args, overrides) -> None:
              f"--config.seed={args.seed}"]
     t0 = time.time()
     # Data and records of the base workdir (resumable: found complete after the first run).
+    # The data overrides (e.g. --config.data.num_train_scenes) shape the base workdir's records too.
+    data_overrides = [o for o in overrides if o.startswith("--config.data.")]
     for mode in ("data", "dump"):
-        subprocess.run([sys.executable, "run.py", *flags, f"--config.mode={mode}"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "run.py", *flags, f"--config.mode={mode}", *data_overrides],
+                       cwd=ROOT, check=True)
     t_data = time.time() - t0
     records, tok = os.path.join(args.base, "records"), os.path.join(args.base, "tokenizer")
     train = [sys.executable, "run.py", f"--config=configs/student.py:{args.preset}", f"--workdir={out}",
