@@ -219,6 +219,11 @@ def main() -> None:
     print(f"\nteacher / student   decode {decode_ratio:.2f}x (bound: weight bytes {decode_bound:.2f}x, "
           f"{decode_ratio / decode_bound:.0%} of it)   prefill {prefill_ratio:.2f}x (bound: FLOPs "
           f"{prefill_bound:.2f}x, {prefill_ratio / prefill_bound:.0%} of it)")
+    # Even a prefill that were nothing but matmuls at this device's own rate for its row count
+    # reaches only this ratio: the FLOPs bound scaled by the two prompts' matmul rates.
+    ceiling = prefill_bound * student_m["gemm_gflops"] / teacher_m["gemm_gflops"]
+    print(f"prefill ceiling of this device's matmuls ({student_m['prompt']} vs {teacher_m['prompt']} "
+          f"rows): {ceiling:.2f}x = {ceiling / prefill_bound:.0%} of the FLOPs bound")
     for label, nt, ns in (("fixed", args.new_tokens, args.new_tokens),
                           ("natural", round(NATURAL_WORDS["teacher"] * TOKENS_PER_WORD),
                            round(NATURAL_WORDS["student"] * TOKENS_PER_WORD))):
