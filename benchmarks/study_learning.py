@@ -3,6 +3,9 @@
   # one run: the main job's stages with overrides, checkpoints every --every steps, each scored
   python -m benchmarks.study_learning run --base=W --name=grounding --steps=800 --every=100 \
       [--seed=0] [-- --config.loss.grounding=False ...]
+  # the same run's checkpoints scored on a larger eval split, prepared in workdir W2
+  python -m benchmarks.study_learning score --base=W --name=grounding --eval_base=W2 \
+      [-- --config.data.num_eval_scenes=1000 ...]
   # the text-only prior of a workdir's data
   python -m benchmarks.study_learning prior --base=W
   # the plot of every run under W/study (or --only=a,b), of one or several bases (seeds)
@@ -33,18 +36,21 @@ KINDS = ("proximity", "contact", "size", "orientation")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, overrides) -> None:
-    out = os.path.join(args.base, "study", args.name)
-    os.makedirs(out, exist_ok=True)
-    flags = [f"--config=configs/student.py:{args.preset}", f"--workdir={args.base}",
-             f"--config.seed={args.seed}"]
-    t0 = time.time()
-    # Data and records of the base workdir (resumable: found complete after the first run).
-    # The data overrides (e.g. --config.data.num_train_scenes) shape the base workdir's records too.
+def prepare(args, workdir: str, overrides) -> None:
+    """Data and records of `workdir`, as the main job's (resumable: found complete after the first
+    run). The data overrides (e.g. --config.data.num_train_scenes) shape its records too."""
+    flags = [f"--config=configs/student.py:{args.preset}", f"--workdir={workdir}", f"--config.seed={args.seed}"]
     data_overrides = [o for o in overrides if o.startswith("--config.data.")]
     for mode in ("data", "dump"):
         subprocess.run([sys.executable, "run.py", *flags, f"--config.mode={mode}", *data_overrides],
                        cwd=ROOT, check=True)
+
+
+def run(args, overrides) -> None:
+    out = os.path.join(args.base, "study", args.name)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    prepare(args, args.base, overrides)
     t_data = time.time() - t0
     records, tok = os.path.join(args.base, "records"), os.path.join(args.base, "tokenizer")
     train = [sys.executable, "run.py", f"--config=configs/student.py:{args.preset}", f"--workdir={out}",
@@ -69,8 +75,28 @@ def run(args, overrides) -> None:
         f"{k} {last.get(f'grounded/{k}_acc', float('nan')):.3f}" for k in KINDS))
 
 
-def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
-    """Grounded accuracy of every checkpoint in `out` (the eval stage's scoring)."""
+def score(args, overrides) -> None:
+    """Every checkpoint of the run `BASE/study/NAME` scored on the eval split of another workdir,
+    `--eval_base` (prepared first with the `--config.data.*` overrides, e.g. a 1,000-scene eval
+    split: the first scenes of a split do not depend on its size). The run's own tokenizer reads
+    the new records, so both workdirs must share it (same seed and data)."""
+    out = os.path.join(args.base, "study", args.name)
+    prepare(args, args.eval_base, overrides)
+    preds = os.path.join(args.eval_base, "study_predictions", args.name)
+    os.makedirs(preds, exist_ok=True)
+    scores = evaluate_checkpoints(args, out, overrides, os.path.join(args.eval_base, "records"),
+                                  os.path.join(args.base, "tokenizer"), predictions_dir=preds)
+    result = {"name": f"{args.name} on {args.eval_base}", "seed": args.seed, "overrides": overrides,
+              "curve": scores}
+    path = os.path.join(args.base, "study", f"{args.name}_on_{os.path.basename(os.path.normpath(args.eval_base))}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: str | None = None) -> list[dict]:
+    """Grounded accuracy of every checkpoint in `out` (the eval stage's scoring); predictions go
+    to `predictions_dir` (default `out`)."""
     import jax
     from absl import flags as absl_flags
     from flax import nnx
@@ -99,7 +125,7 @@ def evaluate_checkpoints(args, out, overrides, records, tok) -> list[dict]:
     for step in steps:
         params = ckpt_lib.load_params(ckpt_dir, abstract, step)
         model = step_lib.student_from(graphdef, abstract_state, params["student"])
-        predictions = os.path.join(out, f"predictions_{step}.jsonl")
+        predictions = os.path.join(predictions_dir or out, f"predictions_{step}.jsonl")
         m = grounded.evaluate(model, tokenizer, records, split="eval", batch_size=config.train.batch_size,
                               max_questions=config.input.max_questions,
                               max_prompt_len=config.input.max_prompt_len,
@@ -204,7 +230,7 @@ def main() -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("run", "prior", "plot"))
+    p.add_argument("command", choices=("run", "score", "prior", "plot"))
     p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer); "
                    "plot: several, comma-separated")
     p.add_argument("--only", default=None, help="plot: comma-separated run names (default: all)")
@@ -214,10 +240,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--out", default="docs/learning_curves.png")
+    p.add_argument("--eval_base", default=None, help="score: the workdir whose eval split scores the run")
     args = p.parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "score"):
         sys.argv = sys.argv[:1]  # absl parses only what evaluate_checkpoints hands it
-        run(args, overrides)
+        if args.command == "score" and not args.eval_base:
+            p.error("score needs --eval_base, the workdir whose eval split scores the run")
+        (run if args.command == "run" else score)(args, overrides)
     elif args.command == "prior":
         print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
     else:
