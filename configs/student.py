@@ -197,6 +197,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.vision.warmup_steps = vs["warmup"]
     c.vision.schedule = "cosine"  # as the shipped tiny checkpoint was trained
     c.vision.eval_every = 500
+    # A vision-stage export (vggt.safetensors) to start from instead of random weights: the
+    # schedule above then continues its training (e.g. on more scenes); None: from scratch.
+    c.vision.init_checkpoint = config_dict.placeholder(str)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.report_samples = 3  # held-out samples drawn in WORKDIR/eval/report.md

@@ -1,7 +1,9 @@
 """The vision stage: pretraining runs, exports official-layout weights the student loads, and the
 shipped tiny checkpoint reloads and reproduces its recorded held-out figures."""
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -43,10 +45,27 @@ def test_vision_stage_trains_exports_and_the_student_loads_it(tmp_path):
     # A rerun finds the finished stage and only re-exports.
     assert vision.pretrain(config, str(tmp_path)) == path
 
+    # A second stage continues from that export (`vision.init_checkpoint`): at learning rate 0
+    # every weight it exports is the one it loaded, so all three parts were loaded, none redrawn.
+    first = tmp_path / "first.safetensors"
+    Path(path).rename(first)
+    (tmp_path / "first.json").write_text((tmp_path / "vision" / "vggt.json").read_text())
+    shutil.rmtree(tmp_path / "vision")
+    again = vision.pretrain(tiny_config(**{
+        "vision.steps": 2, "vision.batch_size": 2, "vision.warmup_steps": 1, "vision.eval_every": 0,
+        "vision.learning_rate": 0.0, "vision.init_checkpoint": str(first),
+        "model.vision.pos_embed_size": config.data.image_size}), str(tmp_path))
+    continued = load_file(again)
+    assert sorted(continued) == sorted(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(continued[k], v, err_msg=k)
+    init = json.loads((tmp_path / "vision" / "vggt.json").read_text())["init_checkpoint"]
+    assert init["path"] == str(first) and init["steps"] == 3
+    assert init["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+
 
 def test_shipped_checkpoint_reloads_and_reproduces_its_held_out_figures():
     record = json.loads(SHIPPED.with_suffix(".json").read_text())
-    import hashlib
     assert hashlib.sha256(SHIPPED.read_bytes()).hexdigest() == record["sha256"]
     config = student_configs.get_config("tiny")
     assert config.model.vision.checkpoint == str(SHIPPED)

@@ -10,6 +10,9 @@ teacher records' *train* split (frames, depth, cameras and boxes; the data and d
 first when their outputs are missing), so the held-out scenes are never seen; the eval split
 gives the held-out figures.
 
+With `config.vision.init_checkpoint` (an earlier export) the stage starts from those weights
+instead of random ones and trains on with its own schedule.
+
 It is the train stage with `config.vision.*` in place of `config.train.*` and only the vision
 tasks on (`stage_config`), so it resumes, checkpoints and logs like it, under `W/vision/`.
 At the end `export` writes
@@ -17,7 +20,8 @@ At the end `export` writes
   W/vision/vggt.safetensors  aggregator, camera_head (official VGGT key names and layouts) and
                              object_head keys: what `model.vision.checkpoint` loads
   W/vision/vggt.json         provenance: command, seed, data, steps, wall time, held-out
-                             metrics, sha256 of the weights file
+                             metrics, sha256 of the weights file (and of the one it
+                             started from)
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     c.loss.objects = True
     c.loss.depth = c.loss.detection = False
     m = c.model
-    m.vision.checkpoint = None
-    m.vision.pos_embed_size = None  # from scratch: the grid of config.data.image_size
+    # From scratch (the DINO grid of config.data.image_size), or on from an earlier export (a
+    # longer schedule, more scenes): its aggregator, camera and object heads load at step 0.
+    init = config.vision.get("init_checkpoint")
+    m.vision.checkpoint = init or None
+    m.vision.pos_embed_size = config.model.vision.pos_embed_size if init else None
     m.vision.frozen = False
     m.object_head.enabled = True
     m.object_head.frozen = False
@@ -150,6 +157,20 @@ def student_with_vision(config: ml_collections.ConfigDict, path: str, seed: int 
     return model
 
 
+def _provenance(path: str | None) -> dict | None:
+    """Path, sha256 and own record (when it has one beside it) of the weights a stage started from."""
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        out = {"path": path, "sha256": hashlib.sha256(f.read()).hexdigest()}
+    record = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(record):
+        with open(record) as f:
+            prior = json.load(f)
+        out.update({k: prior.get(k) for k in ("command", "steps", "data")})
+    return out
+
+
 def export(cfg: ml_collections.ConfigDict, out: str, *, wall_s: float | None = None) -> str:
     """Writes `vggt.safetensors` and `vggt.json` from the latest checkpoint in `out`."""
     model_cfg = student_lib.config_from(cfg.model, cfg.data.image_size)
@@ -187,6 +208,7 @@ def export(cfg: ml_collections.ConfigDict, out: str, *, wall_s: float | None = N
                  "image_size": int(cfg.data.image_size), "num_views": int(cfg.data.num_views)},
         "steps": int(step), "batch_size": int(cfg.train.batch_size),
         "learning_rate": float(cfg.train.learning_rate),
+        "init_checkpoint": _provenance(cfg.model.vision.checkpoint),
         "mean_step_time_s": float(np.mean([r["perf/step_time_s"] for r in train_rows])) if train_rows else None,
         "wall_s_this_run": wall_s,
         "held_out": held_out,
