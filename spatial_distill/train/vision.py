@@ -157,12 +157,16 @@ def student_with_vision(config: ml_collections.ConfigDict, path: str, seed: int 
     return model
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _provenance(path: str | None) -> dict | None:
     """Path, sha256 and own record (when it has one beside it) of the weights a stage started from."""
     if not path:
         return None
-    with open(path, "rb") as f:
-        out = {"path": path, "sha256": hashlib.sha256(f.read()).hexdigest()}
+    out = {"path": path, "sha256": _sha256(path)}
     record = os.path.splitext(path)[0] + ".json"
     if os.path.exists(record):
         with open(record) as f:
@@ -190,8 +194,7 @@ def export(cfg: ml_collections.ConfigDict, out: str, *, wall_s: float | None = N
     tmp = path + ".tmp"
     safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt", "producer": "spatial_distill vision stage"})
     os.replace(tmp, path)
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = _sha256(path)
 
     scenes = reference_scenes(cfg)
     reference = {"split_seed": prepare.split_seed(cfg, "eval"), "indices": list(range(len(scenes))),
