@@ -142,6 +142,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train.decay_fraction = 0.2
     c.train.weight_decay = 0.01
     c.train.grad_clip = 1.0  # global-norm clipping
+    # Learning-rate multiplier for the pretrained vision side (aggregator, camera and object
+    # heads) when it is not frozen: at the decoder's rate it unlearns its fields (docs/learning.md).
+    c.train.vision_lr_scale = 1.0
     c.train.accum_steps = 1  # gradient accumulation (micro-batches per update)
     c.train.log_every = 10
     c.train.checkpoint_every = 100

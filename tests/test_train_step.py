@@ -78,6 +78,33 @@ def test_frozen_vision_gets_no_update_and_decay_skips_vectors(abstract_student):
     assert set(jax.tree.leaves(labels)) == {"train"}
 
 
+def test_vision_lr_scale_scales_only_the_pretrained_vision_updates(abstract_student):
+    _, model = abstract_student
+    params = {"student": jax.tree.map(lambda a: np.ones(a.shape, a.dtype),
+                                      nnx.state(model).to_pure_dict()),
+              "kendall": {"log_vars": np.zeros(3, np.float32)}}
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.01, p.dtype), params)
+
+    def first_updates(**over):
+        c = tiny_config(heads=True, **{"model.vision.frozen": False, "train.warmup_steps": 0,
+                                       "train.weight_decay": 0.5, **over})
+        tx, _ = step_lib.make_optimizer(c, params)
+        return jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)[0]["student"]
+
+    base, scaled = first_updates(), first_updates(**{"train.vision_lr_scale": 0.1})
+    assert step_lib.PRETRAINED_VISION[0] in base
+    for part in step_lib.PRETRAINED_VISION:
+        if part in base:  # lr x 0.1, weight decay included: AdamW's step is linear in lr
+            chex.assert_trees_all_close(scaled[part], jax.tree.map(lambda u: 0.1 * u, base[part]),
+                                        rtol=1e-6)
+    # lr 1e-3 x 0.1 times (sign of the gradient + weight decay 0.5 on this matrix-shaped token).
+    np.testing.assert_allclose(np.asarray(scaled["aggregator"]["camera_token"]), -1e-4 * 1.5, rtol=1e-4)
+    for part in set(base) - set(step_lib.PRETRAINED_VISION):  # the decoder side is untouched
+        chex.assert_trees_all_equal(scaled[part], base[part])
+    with pytest.raises(ValueError, match="train.vision_lr_scale = 0"):
+        first_updates(**{"train.vision_lr_scale": 0.0})
+
+
 def test_state_shardings_follow_the_parameters_with_frozen_vision(abstract_student):
     cfg, _ = abstract_student
     config = tiny_config(heads=True, **{"model.vision.frozen": True})

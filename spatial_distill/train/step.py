@@ -283,6 +283,20 @@ def param_labels(params: dict, *, frozen_vision: bool, frozen_objects: bool = Fa
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+PRETRAINED_VISION = ("aggregator", "camera_head", "object_head")
+
+
+def _pretrained_vision_mask(params: dict) -> dict:
+    # The parts a vision checkpoint (official VGGT or the vision stage's export) initialises:
+    # fine-tuned at the decoder's learning rate, they lose what they were pretrained to see
+    # (docs/learning.md), so `train.vision_lr_scale` scales their updates.
+    def vision(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return keys[0] == "student" and keys[1] in PRETRAINED_VISION
+
+    return jax.tree_util.tree_map_with_path(vision, params)
+
+
 def _decay_mask(params: dict) -> dict:
     # Weight decay on matrices only: pulling norm scales, biases, the latent tokens or the Kendall
     # log-variances towards 0 would bias them, not regularise them.
@@ -294,7 +308,8 @@ def _decay_mask(params: dict) -> dict:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: dict):
-    """(optax transform, lr schedule): global-norm clipping, AdamW, frozen vision masked out.
+    """(optax transform, lr schedule): global-norm clipping, AdamW, frozen vision masked out,
+    the pretrained vision side's updates scaled by `train.vision_lr_scale` when it trains.
 
     params: the (abstract) params tree, for the masks.
     """
@@ -303,6 +318,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: dict):
     adamw = optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask(params)))
+    scale = float(t.vision_lr_scale)
+    if not scale > 0:
+        raise ValueError(f"config.train.vision_lr_scale = {t.vision_lr_scale}: must be > 0 "
+                         "(freeze the vision side with model.vision.frozen instead)")
+    if scale != 1.0:  # AdamW's update is linear in lr, so scaling it scales lr (and decay) there
+        adamw = optax.chain(adamw, optax.masked(optax.scale(scale), _pretrained_vision_mask))
     tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
                                param_labels(params, frozen_vision=bool(config.model.vision.frozen),
                                             frozen_objects=bool(config.model.object_head.frozen)))
