@@ -98,6 +98,13 @@ def test_check_same_model_names_the_field():
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=f"model.vision.frozen: checkpoint {frozen}, this run {not frozen}"):
         ckpt_lib.check_same_model(stored, tiny_config(**{"model.vision.frozen": not frozen}), "x")
+    # The optimizer gains a scaling step for any vision_lr_scale but 1; 0.1 -> 0.2 only changes a rate.
+    scaled = ckpt_lib.config_dict(tiny_config(**{"train.vision_lr_scale": 0.1}))
+    ckpt_lib.check_same_model(scaled, tiny_config(**{"train.vision_lr_scale": 0.2}), "x")
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=re.escape("x was trained with train.vision_lr_scale=0.1, this run asks for 1")):
+        ckpt_lib.check_same_model(scaled, tiny_config(), "x")
+    ckpt_lib.check_same_model({"model": stored["model"]}, tiny_config(), "x")  # older: no train section
 
 
 def test_code_version_and_input_positions():

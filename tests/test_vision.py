@@ -92,6 +92,8 @@ def test_stage_config_ignores_the_decoders_pooling(tmp_path):
     after = vision.stage_config(tiny_config(**{"model.vision_pool": "slots12",
                                                "model.slots.radius": 0.5}), str(tmp_path))
     assert before.model.vision_pool == after.model.vision_pool == "patch"
+    scaled = vision.stage_config(tiny_config(**{"train.vision_lr_scale": 0.1}), str(tmp_path))
+    assert scaled.train.vision_lr_scale == 1.0 and scaled.train.learning_rate == scaled.vision.learning_rate
     ckpt_lib.check_same_model(ckpt_lib.config_dict(before), after, "here")
     with pytest.raises(ckpt_lib.CheckpointError, match="model.vision.embed_dim"):
         ckpt_lib.check_same_model(ckpt_lib.config_dict(before), vision.stage_config(

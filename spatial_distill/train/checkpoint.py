@@ -11,7 +11,8 @@ directory appears only once complete, so a run killed mid-save resumes from the 
 
 Refusals, each naming what differs, and deleting nothing:
 - `check_same_model`: the stored config's `model` section differs from this run's (compute dtypes
-  and remat settings may differ: they change neither parameters nor optimizer state);
+  and remat settings may differ: they change neither parameters nor optimizer state), or
+  `train.vision_lr_scale` moves to or from 1 (which adds or drops an optimizer-state step);
 - `check_shapes`: a stored parameter's shape differs from the model's, or a parameter is missing
   or unexpected (e.g. a checkpoint of another preset loaded by `load_params`).
 """
@@ -70,7 +71,15 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def check_same_model(stored_config: Mapping, config: ml_collections.ConfigDict, where: str) -> None:
-    """Raises CheckpointError when the stored `model` section differs from `config.model`."""
+    """Raises CheckpointError when the stored `model` section differs from `config.model`, or
+    when `train.vision_lr_scale` moves to or from 1 (the optimizer state gains or loses a step)."""
+    old_scale = float(stored_config.get("train", {}).get("vision_lr_scale", 1.0))
+    new_scale = float(config.train.vision_lr_scale)
+    if (old_scale == 1.0) != (new_scale == 1.0):
+        raise CheckpointError(
+            f"{where} was trained with train.vision_lr_scale={old_scale:g}, this run asks for "
+            f"{new_scale:g}: a scale of 1 and any other keep different optimizer states. Nothing "
+            "was deleted: resume with a scale on the same side of 1, or use another workdir")
     old = _flatten(stored_config.get("model", {}))
     new = _flatten(config_dict(config)["model"])
     diffs = [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))

@@ -59,6 +59,7 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     c.mode = "train"
     for field in ("steps", "batch_size", "learning_rate", "warmup_steps", "schedule", "eval_every"):
         c.train[field] = config.vision[field]
+    c.train.vision_lr_scale = 1.0  # a student-training knob; the stage's own rate is vision.learning_rate
     c.loss.text = c.loss.grounding = False
     c.loss.objects = True
     c.loss.depth = c.loss.detection = False
