@@ -270,31 +270,31 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
 
+VISION_TRUNK = ("aggregator",)
+VISION_HEADS = ("camera_head", "object_head")
+# The parts a vision checkpoint (official VGGT or the vision stage's export) initialises.
+PRETRAINED_VISION = VISION_TRUNK + VISION_HEADS
+
+
+def _student_part(path) -> str | None:
+    """The Student submodule a params-tree leaf belongs to (None outside `student`)."""
+    keys = [getattr(k, "key", None) for k in path]
+    return keys[1] if keys[0] == "student" else None
+
+
 def param_labels(params: dict, *, frozen_vision: bool, frozen_objects: bool = False) -> dict:
     """"frozen" for the VGGT aggregator when `model.vision.frozen` and for the camera and object
     heads when `model.object_head.frozen`, "train" elsewhere."""
-    frozen = {"aggregator"} if frozen_vision else set()
-    frozen |= {"camera_head", "object_head"} if frozen_objects else set()
-
-    def label(path, _):
-        keys = [getattr(k, "key", None) for k in path]
-        return "frozen" if keys[0] == "student" and keys[1] in frozen else "train"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-PRETRAINED_VISION = ("aggregator", "camera_head", "object_head")
+    frozen = (VISION_TRUNK if frozen_vision else ()) + (VISION_HEADS if frozen_objects else ())
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _student_part(path) in frozen else "train", params)
 
 
 def _pretrained_vision_mask(params: dict) -> dict:
-    # The parts a vision checkpoint (official VGGT or the vision stage's export) initialises:
-    # fine-tuned at the decoder's learning rate, they lose what they were pretrained to see
-    # (docs/learning.md), so `train.vision_lr_scale` scales their updates.
-    def vision(path, _):
-        keys = [getattr(k, "key", None) for k in path]
-        return keys[0] == "student" and keys[1] in PRETRAINED_VISION
-
-    return jax.tree_util.tree_map_with_path(vision, params)
+    # Fine-tuned at the decoder's learning rate, the pretrained vision side loses what it was
+    # pretrained to see (docs/learning.md), so `train.vision_lr_scale` scales its updates.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _student_part(path) in PRETRAINED_VISION, params)
 
 
 def _decay_mask(params: dict) -> dict:
