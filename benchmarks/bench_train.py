@@ -34,6 +34,11 @@ from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
 
 
+# Object ids each question refers to (subject, reference): input_pipeline.MAX_REFERRED, which
+# is not imported because that module pulls in TensorFlow, which this benchmark does not need.
+MAX_REFERRED = 2
+
+
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     """A full batch with the input pipeline's keys, shapes and dtypes (all questions real)."""
     r = np.random.default_rng(seed)
@@ -61,6 +66,9 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         "topk_ids": top.astype(np.int32),
         "topk_logprobs": np.take_along_axis(logp, top, -1).astype(np.float32),
         "logsumexp": np.zeros((b, q, la), np.float32),
+        # Every question refers to a subject and a reference object (the grounding loss's targets).
+        "referred": np.stack([r.permutation(n)[:MAX_REFERRED] for _ in range(b * q)]).reshape(
+            b, q, MAX_REFERRED).astype(np.int32),
     }
 
 

@@ -129,6 +129,16 @@ def test_dispatch_and_named_fallback(recwarn):
                     "attention: cudnn does not cover the cpu backend (cudnn needs a GPU); using XLA attention",
                     "attention: splash does not cover causal attention by explicit positions (its causal mask "
                     "is static); using XLA attention"]
+    # fallback_reason names the same reasons up front, each time (the warnings come once).
+    assert attention_lib.fallback_reason(q8, k8, implementation="pallas") == (
+        "head_dim 12 (the kernel takes multiples of 8 up to 256)")
+    assert attention_lib.fallback_reason(q, k, implementation="cudnn") == "the cpu backend (cudnn needs a GPU)"
+    assert attention_lib.fallback_reason(q, k, causal=True, q_positions=pos, implementation="splash") == (
+        "causal attention by explicit positions (its causal mask is static)")
+    assert attention_lib.fallback_reason(q, k, mask=jnp.ones((1, 1, 10, 12), bool),
+                                         implementation="pallas") == "an explicit boolean mask"
+    assert attention_lib.fallback_reason(q, k, implementation="pallas") is None
+    assert attention_lib.fallback_reason(q8, k8, implementation="xla") is None
     assert attention_lib.resolve("auto", "cpu") == "xla"
     assert attention_lib.resolve("auto", "tpu") == "pallas"
     assert attention_lib.resolve("auto", "gpu") == "cudnn"

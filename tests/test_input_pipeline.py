@@ -256,3 +256,24 @@ def test_to_global_on_eight_devices(dataset, tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip() == f"ok {len(batch)}"
+
+
+def test_benchmark_batch_matches_the_pipeline(dataset):
+    """bench_train times the train step on a synthetic batch: it must carry the pipeline's keys,
+    dtypes and (image size aside) shapes, or the benchmark breaks when a loss reads a new field."""
+    from benchmarks.bench_train import synthetic_batch
+    from configs import student as student_configs
+
+    config = student_configs.get_config("tiny")
+    config.train.batch_size, config.data.num_views, config.data.image_size = 2, 2, 12
+    config.input.max_questions, config.input.max_prompt_len = LIMITS["max_questions"], LIMITS["max_prompt_len"]
+    config.input.max_answer_len, config.input.max_boxes = LIMITS["max_answer_len"], LIMITS["max_boxes"]
+    config.teacher.k = 4
+    real = next(iter(pipeline(dataset[0], shuffle=False, num_epochs=1)))
+    fake = synthetic_batch(config)
+    assert sorted(fake) == sorted(real)
+    for key, value in real.items():
+        assert fake[key].dtype == value.dtype, key
+        # The benchmark's frames are square (12 x 12), the fixture's 12 x 16.
+        width = 3 if key in ("rgb", "depth") else value.ndim
+        assert fake[key].shape[:width] == value.shape[:width], key

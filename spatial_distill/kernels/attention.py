@@ -117,17 +117,7 @@ def attention(
     platform = target_platform()
     kind = resolve(kind, platform)
     _check_shapes(q, k, v)
-    why = None
-    if kind != "xla" and mask is not None:
-        why = "an explicit boolean mask"
-    elif kind == "pallas":
-        from spatial_distill.kernels import flash_attention
-
-        why = flash_attention.supported(q.shape, k.shape)
-    elif kind == "splash":
-        why = _splash_unsupported(q, k, causal, q_positions, kv_positions)
-    elif kind == "cudnn":
-        why = _cudnn_unsupported(q, platform)
+    why = _uncovered(kind, platform, q, k, causal, mask, q_positions, kv_positions)
     if kind != "xla" and why is None:
         kw = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   q_positions=q_positions, kv_positions=kv_positions, scale=scale)
@@ -141,6 +131,29 @@ def attention(
     return xla_attention(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                          kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                          kv_positions=kv_positions, scale=scale)
+
+
+def fallback_reason(q, k, *, causal: bool = False, mask=None, q_positions=None, kv_positions=None,
+                    implementation: str = "xla") -> str | None:
+    """Why `attention` with these arguments would run XLA instead of `implementation` here
+    (None: it runs the implementation asked for)."""
+    platform = target_platform()
+    return _uncovered(resolve(parse(implementation)[0], platform), platform, q, k, causal, mask,
+                      q_positions, kv_positions)
+
+
+def _uncovered(kind, platform, q, k, causal, mask, q_positions, kv_positions) -> str | None:
+    if kind == "xla":
+        return None
+    if mask is not None:
+        return "an explicit boolean mask"
+    if kind == "pallas":
+        from spatial_distill.kernels import flash_attention
+
+        return flash_attention.supported(q.shape, k.shape)
+    if kind == "splash":
+        return _splash_unsupported(q, k, causal, q_positions, kv_positions)
+    return _cudnn_unsupported(q, platform)
 
 
 def _check_shapes(q, k, v) -> None:
