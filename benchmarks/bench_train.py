@@ -33,7 +33,6 @@ from spatial_distill.models import word_tags
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
 
-
 # Object ids each question refers to (subject, reference): input_pipeline.MAX_REFERRED, which
 # is not imported because that module pulls in TensorFlow, which this benchmark does not need.
 MAX_REFERRED = 2

@@ -62,6 +62,20 @@ def teacher_config(preset: str, dtype, scan_layers: bool) -> llava3d.LLaVA3DConf
                                clip=dataclasses.replace(clip, dtype=dtype, param_dtype=dtype))
 
 
+_START = time.perf_counter()
+
+
+def stage(what: str) -> None:
+    """A progress line with the seconds since start (compiles of the full-size models take minutes)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {what}", flush=True)
+
+
+def summary(m: dict) -> str:
+    """One model's p50s, printed as soon as it is timed (a run cut short still reports them)."""
+    return (f"vision {m['vision_p50']:.1f} ms, prefill {m['prefill_p50']:.1f} ms over {m['prompt']} tokens, "
+            f"decode {m['decode_p50']:.2f} ms/token")
+
+
 def timed(fn, runs: int) -> list[float]:
     jax.block_until_ready(fn())  # warm-up (compiles)
     out = []
@@ -122,10 +136,14 @@ def measure(llm, vision_fn, embeds, runs: int, new_tokens: int) -> dict:
     mask = jnp.ones((1, P), bool)
     total = P + new_tokens
     graphdef, state = nnx.split(llm)
+    # Compiled once, ahead of time, for its memory figure; timed as that same executable (a
+    # second compile of a full-size model through the jit cache costs minutes on a GPU).
     prefill = gen._prefill.lower(graphdef, state, embeds, mask, total).compile()
-    logits, cache = gen.prefill(llm, embeds, mask, total)
+    logits, cache = prefill(state, embeds, mask)
+    stage("  prefill compiled")
     t_vision = timed(vision_fn, runs)
-    t_prefill = timed(lambda: gen.prefill(llm, embeds, mask, total), runs)
+    t_prefill = timed(lambda: prefill(state, embeds, mask), runs)
+    stage("  vision and prefill timed; decode next")
     t_decode = timed(lambda: gen.decode(llm, logits, cache, P, max_new_tokens=new_tokens, eos_id=-1,
                                         pad_id=0), runs)
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3  # noqa: E731
@@ -168,14 +186,17 @@ def main() -> None:
                     jnp.float32)
     intr = jnp.broadcast_to(K, (1, args.views, 4, 4))
     encode = nnx.jit(lambda m, *x: m.encode_scene(*x))
+    stage(f"teacher {args.teacher} built; compiling its vision")
     tokens = encode(teacher, images, depths, poses, intr)
     ids = np.full((1, TEXT_TOKENS + 1), 5, np.int64)
     ids[0, 0], ids[0, 40] = 1, llava3d.IMAGE_TOKEN_INDEX
     spliced = teacher.splice(ids, tokens)
     n = int(spliced.lengths[0])
     t_embeds = spliced.embeds[:, :n]
+    stage(f"teacher vision compiled ({n} prompt tokens); timing")
     teacher_m = measure(teacher.llm, lambda: encode(teacher, images, depths, poses, intr), t_embeds,
                         args.runs, args.new_tokens)
+    stage(f"teacher timed: {summary(teacher_m)}")
 
     # Student: the same number of views at its own resolution, one question.
     scfg, size = config_for(args.student)
@@ -185,10 +206,12 @@ def main() -> None:
     simages = jnp.asarray(rng.uniform(size=(1, args.views, size, size, 3)).astype(np.float32))
     prompt = jnp.asarray(rng.integers(4, scfg.decoder.vocab_size, size=(1, 1, QUESTION_TOKENS)), jnp.int32)
     pmask = jnp.ones((1, 1, QUESTION_TOKENS), bool)
+    stage(f"student {args.student} built; compiling its vision")
     see = nnx.jit(lambda m, x: m.see(x)["vision"])
     s_embeds, _ = nnx.jit(lambda m, *x: m.prefix(*x))(student, simages, prompt, pmask)
     student_m = measure(student.decoder, lambda: see(student, simages), s_embeds.astype(dtype),
                         args.runs, args.new_tokens)
+    stage(f"student timed: {summary(student_m)}")
 
     rows = [("prompt tokens", "prompt", "{:.0f}"), ("LM parameters", "params", "{:,.0f}"),
             ("vision p50 / p90 ms", ("vision_p50", "vision_p90"), "{:.1f} / {:.1f}"),

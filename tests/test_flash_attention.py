@@ -139,6 +139,10 @@ def test_dispatch_and_named_fallback(recwarn):
                                          implementation="pallas") == "an explicit boolean mask"
     assert attention_lib.fallback_reason(q, k, implementation="pallas") is None
     assert attention_lib.fallback_reason(q8, k8, implementation="xla") is None
+    # Triton on a GPU gets smaller blocks by default (shared memory); elsewhere 128 x 128.
+    assert attention_lib.default_blocks("pallas", "gpu") == (64, 64)
+    assert attention_lib.default_blocks("pallas", "tpu") == attention_lib.default_blocks("pallas", "cpu") == (128, 128)
+    assert attention_lib.default_blocks("splash", "gpu") == (128, 128)
     assert attention_lib.resolve("auto", "cpu") == "xla"
     assert attention_lib.resolve("auto", "tpu") == "pallas"
     assert attention_lib.resolve("auto", "gpu") == "cudnn"

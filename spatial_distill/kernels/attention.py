@@ -11,7 +11,7 @@
   auto    pallas on TPU, cudnn on GPU, xla on CPU.
 
 `:BQxBK` sets the kernels' query and key block sizes (e.g. `pallas:256x128`; splash needs
-multiples of 128); the default is 128x128. A case an implementation does not
+multiples of 128); the default is 128x128 (64x64 for pallas on a GPU). A case an implementation does not
 cover (an explicit boolean `mask`, a head_dim the kernel lacks, explicit positions with
 splash's static causal mask, cudnn off GPU or in float32) falls back to XLA with one warning
 naming the reason, never silently wrong.
@@ -39,6 +39,9 @@ from spatial_distill import sharding
 
 IMPLEMENTATIONS = ("xla", "pallas", "splash", "cudnn", "auto")
 DEFAULT_BLOCKS = (128, 128)
+# Our kernel through Triton on a GPU: 128 x 128 blocks at head_dim 128 ask for 290 KiB of shared
+# memory (an H200 has 227 KiB), and 64 x 64 ran 1.9x faster at head_dim 64 (docs/benchmarks.md).
+GPU_DEFAULT_BLOCKS = (64, 64)
 SPLASH_LANES = 128  # splash's blocks are whole vector lanes
 _SPEC = re.compile(r"^([a-z]+)(?::(\d+)x(\d+))?$")
 _WARNED: set[str] = set()
@@ -72,6 +75,11 @@ def resolve(kind: str, backend: str | None = None) -> str:
     if kind != "auto":
         return kind
     return {"tpu": "pallas", "gpu": "cudnn"}.get(backend or jax.default_backend(), "xla")
+
+
+def default_blocks(kind: str, platform: str) -> tuple[int, int]:
+    """The (query, key) block sizes of a spec that names none."""
+    return GPU_DEFAULT_BLOCKS if kind == "pallas" and platform == "gpu" else DEFAULT_BLOCKS
 
 
 def target_platform() -> str:
@@ -116,6 +124,7 @@ def attention(
     kind, blocks = parse(implementation)
     platform = target_platform()
     kind = resolve(kind, platform)
+    blocks = default_blocks(kind, platform) if ":" not in str(implementation) else blocks
     _check_shapes(q, k, v)
     why = _uncovered(kind, platform, q, k, causal, mask, q_positions, kv_positions)
     if kind != "xla" and why is None:
