@@ -20,12 +20,12 @@ convention). An implementation that would fall back to XLA for these shapes is n
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.latency import timed
 from spatial_distill import sharding
 from spatial_distill.kernels.attention import attention, fallback_reason
 
@@ -38,16 +38,6 @@ def cases(views: int) -> dict[str, tuple[int, int, int, bool]]:
     """name -> (tokens, heads, head_dim, causal)."""
     return {f"VGGT global attention, {views} views": (views * 1374, 16, 64, False),
             "student decoder, 2,048 tokens": (2048, 16, 128, True)}
-
-
-def _median_s(fn, runs: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compiles)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def time_local(views: int, impls: list[str], runs: int) -> None:
@@ -76,9 +66,9 @@ def time_local(views: int, impls: list[str], runs: int) -> None:
                 ref = (out, grads)
             err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                       for a, b in zip((out, *grads), (ref[0], *ref[1]), strict=True))
-            t_f, t_g = _median_s(lambda: f(q, k, v), runs), _median_s(lambda: g(q, k, v), runs)
-            print(f"  {impl:14s} forward {t_f * 1e3:8.3f} ms {fwd_flops / t_f / 1e12:6.1f} TFLOP/s   "
-                  f"forward+backward {t_g * 1e3:8.3f} ms {3.5 * fwd_flops / t_g / 1e12:6.1f} TFLOP/s   "
+            t_f, t_g = (float(np.median(timed(fn, runs))) for fn in (lambda: f(q, k, v), lambda: g(q, k, v)))
+            print(f"  {impl:14s} forward {t_f * 1e3:8.3f} ms {fwd_flops / t_f / 1e12:7.3g} TFLOP/s   "
+                  f"forward+backward {t_g * 1e3:8.3f} ms {3.5 * fwd_flops / t_g / 1e12:7.3g} TFLOP/s   "
                   f"max |diff| vs {impls[0]} {err:.3g}")
 
 
