@@ -5,7 +5,7 @@
       [--seed=0] [-- --config.loss.grounding=False ...]
   # the same run's checkpoints scored on a larger eval split, prepared in workdir W2
   python -m benchmarks.study_learning score --base=W --name=grounding --eval_base=W2 \
-      [-- --config.data.num_eval_scenes=1000 ...]
+      [--at=800] [-- --config.data.num_eval_scenes=1000 ...]
   # the text-only prior of a workdir's data
   python -m benchmarks.study_learning prior --base=W
   # the plot of every run under W/study (or --only=a,b), of one or several bases (seeds)
@@ -34,6 +34,19 @@ import time
 
 KINDS = ("proximity", "contact", "size", "orientation")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkpoint_steps(ckpt_dir: str, at: str | None = None) -> list[int]:
+    """The saved checkpoint steps of `ckpt_dir` to score: all, or those named in `at` ("1000,6000")."""
+    saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    if not at:
+        return saved
+    wanted = sorted({int(s) for s in at.split(",")})
+    missing = [s for s in wanted if s not in saved]
+    if missing:
+        raise SystemExit(f"--at={at}: no checkpoint at step(s) {missing} in {ckpt_dir} (saved: {saved}); "
+                         "name saved steps or leave --at out")
+    return wanted
 
 
 def prepare(args, workdir: str, overrides) -> None:
@@ -120,7 +133,7 @@ def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: st
     abstract = {"student": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
                                         abstract_state.to_pure_dict())}
     ckpt_dir = os.path.join(out, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    steps = checkpoint_steps(ckpt_dir, getattr(args, "at", None))
     scores = []
     for step in steps:
         params = ckpt_lib.load_params(ckpt_dir, abstract, step)
@@ -241,6 +254,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--out", default="docs/learning_curves.png")
     p.add_argument("--eval_base", default=None, help="score: the workdir whose eval split scores the run")
+    p.add_argument("--at", default=None, help="run/score: only the checkpoints of these steps, "
+                   "comma-separated (default: every saved one)")
     args = p.parse_args(argv)
     if args.command in ("run", "score"):
         sys.argv = sys.argv[:1]  # absl parses only what evaluate_checkpoints hands it
