@@ -6,6 +6,8 @@
   # the same run's checkpoints scored on a larger eval split, prepared in workdir W2
   python -m benchmarks.study_learning score --base=W --name=grounding --eval_base=W2 \
       [--at=800] [-- --config.data.num_eval_scenes=1000 ...]
+  # where a run's answers fail: accuracy by objects in the scene, proximity by surface gap
+  python -m benchmarks.study_learning crowding --base=W2/study_predictions/NAME/predictions_800.jsonl
   # the text-only prior of a workdir's data
   python -m benchmarks.study_learning prior --base=W
   # the plot of every run under W/study (or --only=a,b), of one or several bases (seeds)
@@ -166,6 +168,39 @@ def per_relation(predictions_path: str) -> dict[str, float]:
     return {f"relation/{n}_acc": right[n] / total[n] for n in patterns if total[n]}
 
 
+def crowding(predictions_path: str) -> dict[str, dict]:
+    """Where a run's answers fail, from its predictions on synthetic scenes (the layout is
+    regenerated from the sample id): accuracy per kind by objects in the scene, and proximity
+    accuracy by the pair's surface gap (asked only below 0.10 m or above 0.50 m)."""
+    from data_pipelines import spatial_qa, synthetic
+
+    bands = (0.0, 1e-3, 0.03, 0.06, 0.10, 0.50, 0.60, 0.75, 1.0, 1.5, float("inf"))
+    template = re.compile(r"^Is the (.+) near the (.+)\?$")
+    by_count, by_gap, layouts = collections.defaultdict(list), collections.defaultdict(list), {}
+    for line in open(predictions_path):
+        p = json.loads(line)
+        if p["kind"] not in KINDS:
+            continue
+        prefix, _, seed = p["sample_id"].partition("-")
+        if prefix != "synthetic":
+            raise SystemExit(f"{predictions_path}: sample {p['sample_id']!r} is not synthetic; "
+                             "crowding regenerates synthetic layouts only")
+        if seed not in layouts:
+            layouts[seed] = synthetic.sample_layout(int(seed))
+        lay = layouts[seed]
+        ok = p["answer"] == p["gt"]
+        by_count[(p["kind"], len(lay.prims))].append(ok)
+        m = template.match(p["question"])
+        if p["kind"] == "proximity" and m:
+            a, b = (lay.prims[lay.names.index(n)] for n in m.groups())
+            gap = spatial_qa.surface_gap(a, b)
+            band = next(i for i in range(len(bands) - 1) if gap < bands[i + 1])
+            by_gap[(bands[band], bands[band + 1])].append(ok)
+    summary = lambda v: (sum(v) / len(v), len(v))  # noqa: E731
+    return {"by_objects": {f"{k}/{n}": summary(v) for (k, n), v in sorted(by_count.items())},
+            "proximity_by_gap": {f"{lo:g}-{hi:g} m": summary(v) for (lo, hi), v in sorted(by_gap.items())}}
+
+
 def text_prior(base: str) -> dict[str, float]:
     """Accuracy per kind of the majority training answer per (template, subject shape, reference
     shape), on the held-out questions."""
@@ -243,9 +278,9 @@ def main() -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("run", "score", "prior", "plot"))
+    p.add_argument("command", choices=("run", "score", "prior", "plot", "crowding"))
     p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer); "
-                   "plot: several, comma-separated")
+                   "plot: several, comma-separated; crowding: a predictions file")
     p.add_argument("--only", default=None, help="plot: comma-separated run names (default: all)")
     p.add_argument("--name", default="run")
     p.add_argument("--preset", default="tiny")
@@ -262,6 +297,11 @@ def main() -> None:
         if args.command == "score" and not args.eval_base:
             p.error("score needs --eval_base, the workdir whose eval split scores the run")
         (run if args.command == "run" else score)(args, overrides)
+    elif args.command == "crowding":
+        for table, rows in crowding(args.base).items():
+            print(table)
+            for key, (acc, n) in rows.items():
+                print(f"  {key:>16}  {acc:.3f}  ({n})")
     elif args.command == "prior":
         print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
     else:
