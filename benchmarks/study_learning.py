@@ -175,7 +175,8 @@ def crowding(predictions_path: str) -> dict[str, dict]:
     from data_pipelines import spatial_qa, synthetic
 
     bands = (0.0, 1e-3, 0.03, 0.06, 0.10, 0.50, 0.60, 0.75, 1.0, 1.5, float("inf"))
-    template = re.compile(r"^Is the (.+) near the (.+)\?$")
+    near = spatial_qa.RELATIONS["near"][1]  # "Is the {a} near the {b}?"
+    template = re.compile("^" + re.escape(near).replace(r"\{a\}", "(.+)").replace(r"\{b\}", "(.+)") + "$")
     by_count, by_gap, layouts = collections.defaultdict(list), collections.defaultdict(list), {}
     for line in open(predictions_path):
         p = json.loads(line)
@@ -196,7 +197,9 @@ def crowding(predictions_path: str) -> dict[str, dict]:
             gap = spatial_qa.surface_gap(a, b)
             band = next(i for i in range(len(bands) - 1) if gap < bands[i + 1])
             by_gap[(bands[band], bands[band + 1])].append(ok)
-    summary = lambda v: (sum(v) / len(v), len(v))  # noqa: E731
+    def summary(v):  # (accuracy, questions)
+        return sum(v) / len(v), len(v)
+
     return {"by_objects": {f"{k}/{n}": summary(v) for (k, n), v in sorted(by_count.items())},
             "proximity_by_gap": {f"{lo:g}-{hi:g} m": summary(v) for (lo, hi), v in sorted(by_gap.items())}}
 

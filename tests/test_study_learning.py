@@ -1,4 +1,4 @@
-"""The learning study's checkpoint selection (benchmarks/study_learning.py)."""
+"""The learning study's checkpoint selection and error breakdown (benchmarks/study_learning.py)."""
 
 import json
 import os
