@@ -269,6 +269,9 @@ def test_question_longer_than_context_is_named():
     with pytest.raises(ValueError, match=r"student sequence of 27 tokens \(8 vision \+ 8 latent \+ 7 question"
                                          r" \+ 4 answer\) exceeds the decoder context max_position_embeddings = 20"):
         model(jnp.asarray(images), prompt, pm, answer, am)
+    # Without the decoder (the vision stage) the context does not bound the patch tokens.
+    out = model(jnp.asarray(images), prompt, pm, answer, am, text=False)
+    assert out["vision_tokens"].shape[1] == 8 and "answer_hidden" not in out
 
 
 def test_paper_preset_size():

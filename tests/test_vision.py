@@ -21,8 +21,11 @@ SHIPPED = Path(student_configs.TINY_VISION_CHECKPOINT)
 
 @pytest.mark.slow
 def test_vision_stage_trains_exports_and_the_student_loads_it(tmp_path):
+    # A decoder context shorter than the unpooled patch tokens: the stage never runs the decoder,
+    # so it must not refuse (larger images than the preset's would).
     config = tiny_config(**{"vision.steps": 3, "vision.batch_size": 2, "vision.warmup_steps": 1,
-                            "vision.eval_every": 0, "train.checkpoint_every": 2})
+                            "vision.eval_every": 0, "train.checkpoint_every": 2,
+                            "model.decoder.max_position_embeddings": 8})
     path = vision.pretrain(config, str(tmp_path))
     assert path == str(tmp_path / "vision" / "vggt.safetensors")
     tensors = load_file(path)

@@ -481,7 +481,8 @@ class Student(nnx.Module):
         b, s, hh, ww, _ = images.shape
         q, lp = prompt_ids.shape[1:]
         la = answer_ids.shape[-1]
-        self.cfg.check_lengths(s, lp, la)
+        if text:
+            self.cfg.check_lengths(s, lp, la)
         if vision_inputs is not None:
             if self.depth_head is not None or self.det_head is not None:
                 raise ValueError("Student: cached vision_inputs leave the depth and detection heads "

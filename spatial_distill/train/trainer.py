@@ -188,7 +188,8 @@ def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
     replicated = NamedSharding(mesh, PartitionSpec())
     spec = step_lib.loss_spec(config, tokenizer)
     model_cfg = student_lib.config_from(config.model, config.data.image_size, tokenizer)
-    model_cfg.check_lengths(meta.num_views, config.input.max_prompt_len, config.input.max_answer_len)
+    if spec.runs_decoder:  # the vision stage never feeds its (unpooled) patches to a decoder
+        model_cfg.check_lengths(meta.num_views, config.input.max_prompt_len, config.input.max_answer_len)
 
     def build(key):
         return student_lib.Student(model_cfg, rngs=nnx.Rngs(params=key))
