@@ -6,8 +6,12 @@
   # the same run's checkpoints scored on a larger eval split, prepared in workdir W2
   python -m benchmarks.study_learning score --base=W --name=grounding --eval_base=W2 \
       [--at=800] [-- --config.data.num_eval_scenes=1000 ...]
-  # where a run's answers fail: accuracy by objects in the scene, proximity by surface gap
-  python -m benchmarks.study_learning crowding --base=W2/study_predictions/NAME/predictions_800.jsonl
+  # where a run's answers fail: accuracy by objects in the scene, by the pixels showing the
+  # question's objects, proximity by surface gap
+  python -m benchmarks.study_learning crowding --base=W2/study_predictions/NAME/predictions_800.jsonl \
+      [--image_size=112]
+  # a run's errors against another's (e.g. the vision ceiling's --answers), question by question
+  python -m benchmarks.study_learning overlap --base=PREDICTIONS.jsonl --against=OTHER.jsonl
   # the text-only prior of a workdir's data
   python -m benchmarks.study_learning prior --base=W
   # the plot of every run under W/study (or --only=a,b), of one or several bases (seeds)
@@ -168,16 +172,20 @@ def per_relation(predictions_path: str) -> dict[str, float]:
     return {f"relation/{n}_acc": right[n] / total[n] for n in patterns if total[n]}
 
 
-def crowding(predictions_path: str) -> dict[str, dict]:
+def crowding(predictions_path: str, image_size: int = 112) -> dict[str, dict]:
     """Where a run's answers fail, from its predictions on synthetic scenes (the layout is
-    regenerated from the sample id): accuracy per kind by objects in the scene, and proximity
-    accuracy by the pair's surface gap (asked only below 0.10 m or above 0.50 m)."""
+    regenerated from the sample id, its cameras fitted for `image_size`, the size the run saw):
+    accuracy per kind by objects in the scene, by how many pixels (over every view) show the
+    question's less visible object, and proximity accuracy by the pair's surface gap (asked only
+    below 0.10 m or above 0.50 m)."""
     from data_pipelines import spatial_qa, synthetic
 
     bands = (0.0, 1e-3, 0.03, 0.06, 0.10, 0.50, 0.60, 0.75, 1.0, 1.5, float("inf"))
-    near = spatial_qa.RELATIONS["near"][1]  # "Is the {a} near the {b}?"
-    template = re.compile("^" + re.escape(near).replace(r"\{a\}", "(.+)").replace(r"\{b\}", "(.+)") + "$")
-    by_count, by_gap, layouts = collections.defaultdict(list), collections.defaultdict(list), {}
+    pixel_bands = (0, 50, 100, 200, 400, float("inf"))
+    templates = [re.compile("^" + re.escape(t).replace(r"\{a\}", "(.+)").replace(r"\{b\}", "(.+)") + "$")
+                 for _, t, _ in spatial_qa.RELATIONS.values()]
+    by_count, by_pixels, by_gap = (collections.defaultdict(list) for _ in range(3))
+    layouts = {}
     for line in open(predictions_path):
         p = json.loads(line)
         if p["kind"] not in KINDS:
@@ -187,21 +195,58 @@ def crowding(predictions_path: str) -> dict[str, dict]:
             raise SystemExit(f"{predictions_path}: sample {p['sample_id']!r} is not synthetic; "
                              "crowding regenerates synthetic layouts only")
         if seed not in layouts:
-            layouts[seed] = synthetic.sample_layout(int(seed))
-        lay = layouts[seed]
+            lay = synthetic.sample_layout(int(seed), image_size=image_size)
+            layouts[seed] = lay, synthetic.visible_pixels(lay).sum(0)
+        lay, pixels = layouts[seed]
         ok = p["answer"] == p["gt"]
         by_count[(p["kind"], len(lay.prims))].append(ok)
-        m = template.match(p["question"])
-        if p["kind"] == "proximity" and m:
-            a, b = (lay.prims[lay.names.index(n)] for n in m.groups())
-            gap = spatial_qa.surface_gap(a, b)
+        m = next((m for t in templates if (m := t.match(p["question"]))), None)
+        if m is None:
+            raise SystemExit(f"{predictions_path}: sample {p['sample_id']}: {p['question']!r} is no "
+                             "question of spatial_qa.RELATIONS")
+        a, b = (lay.names.index(n) for n in m.groups())
+        fewer = min(pixels[a], pixels[b])
+        band = next(i for i in range(len(pixel_bands) - 1) if fewer < pixel_bands[i + 1])
+        by_pixels[(p["kind"], pixel_bands[band], pixel_bands[band + 1])].append(ok)
+        if p["kind"] == "proximity":
+            gap = spatial_qa.surface_gap(lay.prims[a], lay.prims[b])
             band = next(i for i in range(len(bands) - 1) if gap < bands[i + 1])
             by_gap[(bands[band], bands[band + 1])].append(ok)
     def summary(v):  # (accuracy, questions)
         return sum(v) / len(v), len(v)
 
     return {"by_objects": {f"{k}/{n}": summary(v) for (k, n), v in sorted(by_count.items())},
+            "by_pixels_of_less_visible_object": {
+                f"{k}/{lo:g}-{hi:g} px": summary(v) for (k, lo, hi), v in sorted(by_pixels.items())},
             "proximity_by_gap": {f"{lo:g}-{hi:g} m": summary(v) for (lo, hi), v in sorted(by_gap.items())}}
+
+
+def overlap(predictions_path: str, against_path: str) -> dict[str, dict[str, int]]:
+    """Per kind, the questions both answer files hold (joined on sample id and question), split
+    by who is right: both, only the first, only the second, neither."""
+    def read(path):
+        rows = {}
+        for line in open(path):
+            p = json.loads(line)
+            if p["kind"] in KINDS:
+                rows[(p["sample_id"], p["question"])] = p
+        return rows
+
+    a, b = read(predictions_path), read(against_path)
+    joined = sorted(a.keys() & b.keys())
+    if not joined:
+        raise SystemExit(f"{predictions_path} and {against_path} share no grounded question "
+                         "(sample_id, question); answer the same eval scenes in both")
+    table = {}
+    for key in joined:
+        pa, pb = a[key], b[key]
+        if pa["gt"] != pb["gt"]:
+            raise SystemExit(f"{key}: ground truth {pa['gt']!r} in {predictions_path} but {pb['gt']!r} "
+                             f"in {against_path}; the two answer different data")
+        ra, rb = pa["answer"] == pa["gt"], pb["answer"] == pb["gt"]
+        row = table.setdefault(pa["kind"], dict.fromkeys(("both", "first_only", "second_only", "neither"), 0))
+        row["both" if ra and rb else "first_only" if ra else "second_only" if rb else "neither"] += 1
+    return {k: table[k] for k in KINDS if k in table}
 
 
 def text_prior(base: str) -> dict[str, float]:
@@ -281,9 +326,12 @@ def main() -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("run", "score", "prior", "plot", "crowding"))
+    p.add_argument("command", choices=("run", "score", "prior", "plot", "crowding", "overlap"))
     p.add_argument("--base", required=True, help="main-job workdir (data, records, tokenizer); "
-                   "plot: several, comma-separated; crowding: a predictions file")
+                   "plot: several, comma-separated; crowding, overlap: a predictions file")
+    p.add_argument("--image_size", type=int, default=112,
+                   help="crowding: the image size the run's scenes were rendered at (tiny preset: 112)")
+    p.add_argument("--against", default=None, help="overlap: the answers to set --base's against")
     p.add_argument("--only", default=None, help="plot: comma-separated run names (default: all)")
     p.add_argument("--name", default="run")
     p.add_argument("--preset", default="tiny")
@@ -301,10 +349,20 @@ def main() -> None:
             p.error("score needs --eval_base, the workdir whose eval split scores the run")
         (run if args.command == "run" else score)(args, overrides)
     elif args.command == "crowding":
-        for table, rows in crowding(args.base).items():
+        for table, rows in crowding(args.base, args.image_size).items():
             print(table)
             for key, (acc, n) in rows.items():
                 print(f"  {key:>16}  {acc:.3f}  ({n})")
+    elif args.command == "overlap":
+        if not args.against:
+            p.error("overlap needs --against, a second answers file")
+        print(f"right answers: first {args.base}, second {args.against}")
+        for kind, row in overlap(args.base, args.against).items():
+            n = sum(row.values())
+            print(f"  {kind:>12}  {n} questions: both {row['both']}, first only {row['first_only']}, "
+                  f"second only {row['second_only']}, neither {row['neither']} "
+                  f"(first {(row['both'] + row['first_only']) / n:.3f}, "
+                  f"second {(row['both'] + row['second_only']) / n:.3f})")
     elif args.command == "prior":
         print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
     else:

@@ -14,7 +14,13 @@ fields cannot beat this by much, so below the goal here the vision side is the b
 Prints per-kind accuracy (also by the number of objects in the scene) and the per-object errors
 (centre in metres, log-size L1, class accuracy). `--keep=K` reads objects only from the K patches
 (over all views) the object head finds objects in most surely: the tokens `vision_pool=objects<K>`
-hands the decoder, so a budget too small for crowded scenes shows as a drop there.
+hands the decoder, so a budget too small for crowded scenes shows as a drop there. `--slots=K`
+reads each object from the slot `vision_pool=slots<K>` makes of it instead (`models/slots.py`,
+the student's radius and thresholds): the slot holding most of it among those it dominates,
+none if it dominates no slot; it also prints slot coverage and purity by the number of objects.
+`--answers=FILE` writes every grounded question's ceiling answer in the format of the eval
+stage's predictions.jsonl ("unseen" where an object was not seen), so `python -m
+benchmarks.study_learning overlap` can set a student's errors against the ceiling's.
 
     python -m benchmarks.study_vision_ceiling --noise_sweep=0,0.02,0.05,0.1,0.15,0.2 [--scenes=200]
 
@@ -27,6 +33,7 @@ beside how many pixels the gaps of the "not touching" questions span in their be
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +43,7 @@ from configs import student as student_config
 from data_pipelines import spatial_qa, synthetic
 from spatial_distill import geometry
 from spatial_distill.losses import objects as objects_loss
+from spatial_distill.models import object_head, slots
 from spatial_distill.train import vision
 
 KINDS = ("proximity", "contact", "size", "orientation")
@@ -70,6 +78,29 @@ def solid(fields: np.ndarray, num_classes: int, pose0: np.ndarray, heading: floa
         size[:2] = size[:2].mean()
     psi = 0.5 * np.arctan2(yaw2[1], yaw2[0])
     return spatial_qa.Primitive(kind, pose0[:3, :3] @ centre + pose0[:3, 3], size, psi + heading)
+
+
+def slot_objects(weights: np.ndarray, objectness: np.ndarray, owner: np.ndarray, num_objects: int):
+    """Which slot stands for which object.
+
+    weights `[k, P]` slot membership (`slots.group`, rows sum to 1 or 0), objectness `[P]`, owner
+    `[P]` the object each patch sees (-1: none). A slot belongs to the object holding most of its
+    weight (background counts as a rival); an object is read from the slot, of those it
+    dominates, that holds most of its objectness (its main piece, not a one-patch fragment).
+    Returns (slot per object `[num_objects]`, -1 where it dominates none; purity per non-empty
+    slot: its owner's share of its weight).
+    """
+    held = (weights > 0) * objectness  # [k, P]: the objectness each slot took from each patch
+    mass = np.stack([held[:, owner == o].sum(-1) for o in range(num_objects)]
+                    + [held[:, owner < 0].sum(-1)], -1)  # [k, num_objects + 1]; last: background
+    used = weights.sum(-1) > 0
+    top = np.argmax(mass, -1)
+    best = np.full(num_objects, -1)
+    for o in range(num_objects):
+        mine = np.flatnonzero(used & (top == o))
+        if mine.size:
+            best[o] = mine[np.argmax(mass[mine, o])]
+    return best, mass[used].max(-1) / mass[used].sum(-1)
 
 
 def noisy_ceiling(layouts, sigma: float, contact_tol: float, seed: int = 0) -> dict[str, float]:
@@ -141,6 +172,9 @@ def main() -> None:
                    help="read each object from the patches of every view or of view 0 only")
     p.add_argument("--keep", type=int, default=0,
                    help="read objects only from the K most object-like patches (0: all), as objects<K>")
+    p.add_argument("--slots", type=int, default=0,
+                   help="read each object from its slot of vision_pool=slots<K> (0: from its patches)")
+    p.add_argument("--answers", default="", help="write each question's ceiling answer here (jsonl)")
     p.add_argument("--contact_tol", type=float, default=0.05, help="metres of gap still 'touching'")
     p.add_argument("--noise_sweep", default="",
                    help="comma-separated centre noise sigmas (m): exact solids plus noise, no model")
@@ -153,6 +187,8 @@ def main() -> None:
     model = vision.student_with_vision(config, a.checkpoint)
     patch = model.cfg.aggregator.patch_size
     num_classes = model.cfg.object_head.num_classes
+    if a.keep and a.slots:
+        p.error("--keep and --slots are two different poolings; pass one")
 
     @nnx.jit
     def read(model, batch):
@@ -161,18 +197,27 @@ def main() -> None:
         t = objects_loss.object_targets(batch, patch=patch, stride=config.loss.object_stride,
                                         margin=config.loss.object_margin,
                                         min_fraction=config.loss.object_min_fraction)
-        return fields, t["patch_owner"], t["attributes"]
+        weights = jnp.zeros((0,))
+        if a.slots:
+            flat = fields.reshape(fields.shape[0], -1, fields.shape[-1])
+            f = object_head.split_features(flat, num_classes)
+            weights = slots.group(f["objectness"], f["centre"], f["colour"], f["class_probs"], a.slots,
+                                  radius=model.cfg.slot_radius, colour_scale=model.cfg.slot_colour_scale,
+                                  min_objectness=model.cfg.slot_min_objectness)
+        return fields, t["patch_owner"], t["attributes"], weights
 
     scenes = [synthetic.generate_scene(synthetic.scene_seed(a.split_seed, i), image_size=(size, size))
               for i in range(a.scenes)]
     right = {k: [] for k in KINDS}
     by_count = {}  # objects in the scene -> proximity right/wrong
     centre_err, size_err, class_ok = [], [], []
+    answers = []  # predictions.jsonl rows
+    slot_stats = {}  # objects in the scene -> [objects covered, objects, slots used, purities]
     n = max(len(s.boxes) for s in scenes)
     for start in range(0, len(scenes), 8):
         chunk = scenes[start:start + 8]
         batch = vision.scene_batch(chunk, n)
-        fields, owner, attrs = map(np.asarray, read(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+        fields, owner, attrs, weights = map(np.asarray, read(model, {k: jnp.asarray(v) for k, v in batch.items()}))
         for i, scene in enumerate(chunk):
             kept = np.ones(owner[i].shape, bool)
             if a.keep:  # top-k objectness over every view's patches, as the student's pooling
@@ -183,15 +228,29 @@ def main() -> None:
             pose0 = scene.cam_to_world[0].astype(np.float64)
             heading = float(geometry.camera0_heading(jnp.asarray(scene.cam_to_world[None]))[0])
             solids = []
+            if a.slots:
+                flat = fields[i].reshape(-1, fields.shape[-1])
+                slot_of, purity = slot_objects(weights[i], flat[:, 0], owner[i].reshape(-1), len(scene.boxes))
+                st = slot_stats.setdefault(len(scene.boxes), [0, 0, 0, []])
+                st[0] += int((slot_of >= 0).sum())
+                st[1] += len(scene.boxes)
+                st[2] += len(purity)
+                st[3].extend(purity.tolist())
             for o in range(len(scene.boxes)):
-                mine = (owner[i] == o) & kept
-                if a.views == "first":
-                    mine[1:] = False
-                if not mine.any():
-                    solids.append(None)
-                    continue
-                w = fields[i][..., 0][mine]
-                mean = (fields[i][mine] * w[:, None]).sum(0) / max(w.sum(), 1e-6)
+                if a.slots:
+                    if slot_of[o] < 0:
+                        solids.append(None)
+                        continue
+                    mean = weights[i][slot_of[o]] @ flat
+                else:
+                    mine = (owner[i] == o) & kept
+                    if a.views == "first":
+                        mine[1:] = False
+                    if not mine.any():
+                        solids.append(None)
+                        continue
+                    w = fields[i][..., 0][mine]
+                    mean = (fields[i][mine] * w[:, None]).sum(0) / max(w.sum(), 1e-6)
                 c = num_classes
                 centre_err.append(np.linalg.norm(mean[4 + c:7 + c] - attrs[i, o, :3]))
                 size_err.append(np.abs(mean[7 + c:10 + c] - attrs[i, o, 3:6]).mean())
@@ -202,21 +261,33 @@ def main() -> None:
                     continue
                 s, r = qa.subjects
                 if solids[s] is None or solids[r] is None:  # an unseen object: a coin flip
-                    ok = 0.5
+                    ok, said = 0.5, "unseen"
                 else:
                     yes = decide(relation_name(qa, scene.label_names), solids[s], solids[r], pose0, a.contact_tol)
-                    ok = float(yes == (qa.answer == "yes"))
+                    ok, said = float(yes == (qa.answer == "yes")), "yes" if yes else "no"
+                answers.append({"sample_id": scene.sample_id, "kind": qa.kind, "question": qa.question,
+                                "answer": said, "gt": qa.answer})
                 right[qa.kind].append(ok)
                 if qa.kind == "proximity":
                     by_count.setdefault(len(scene.boxes), []).append(ok)
     print(f"vision ceiling: {a.checkpoint}, {a.scenes} held-out scenes (split seed {a.split_seed}), "
           f"objects read from {a.views} views" + (f", {a.keep} most object-like patches" if a.keep else "")
+          + (f", their slots of slots{a.slots}" if a.slots else "")
           + ", binding given")
     print("  accuracy  " + "  ".join(f"{k} {np.mean(right[k]):.3f}" for k in KINDS))
     print("  proximity by objects in the scene  " + "  ".join(
         f"{n}: {np.mean(v):.3f} ({len(v)})" for n, v in sorted(by_count.items())))
     print(f"  objects   centre err {np.mean(centre_err):.3f} m, log-size L1 {np.mean(size_err):.3f}, "
           f"class acc {np.mean(class_ok):.3f} ({len(centre_err)} seen objects)")
+    if a.answers:
+        with open(a.answers, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in answers)
+        print(f"  answers: {a.answers} ({len(answers)} questions)")
+    if a.slots:
+        print("  slots by objects in the scene (objects with a slot of their own / slots used per scene "
+              "/ mean purity)  " + "  ".join(
+                  f"{n}: {c / t:.3f} / {u / (t / n):.1f} / {np.mean(pu):.2f}"
+                  for n, (c, t, u, pu) in sorted(slot_stats.items())))
 
 
 if __name__ == "__main__":

@@ -281,15 +281,11 @@ def _hit(p: Primitive, o, d):
     return (near, *_HIT[p.kind](p, pick(o), pick(d)))
 
 
-def render_view(prims: list[Primitive], albedo: np.ndarray, intrinsics: np.ndarray,
-                cam_to_world: np.ndarray, image_size) -> tuple[np.ndarray, np.ndarray]:
-    """Ray casts one view. Returns rgb uint8 `[H, W, 3]` and z-depth float32 `[H, W]` (0 = sky).
-
-    Args:
-      albedo: `[N, 3]` colours in [0, 1] of `prims`.
-      intrinsics: `[3, 3]` pinhole K for this image size; cam_to_world: `[4, 4]` OpenCV pose.
-    """
-    h, w = _as_hw(image_size)
+def _cast(prims: list[Primitive], intrinsics: np.ndarray, cam_to_world: np.ndarray, hw):
+    """Primary rays of one view: the ray directions `[3, H*W]`, origin `[3, 1]`, hit distance
+    (z-depth, inf for sky) `[H*W]`, the primitive each pixel sees (-1: floor or sky) `[H*W]`,
+    surface normals `[3, H*W]` and the floor hit's x, y `[H*W]`."""
+    h, w = hw
     k, pose = np.asarray(intrinsics, np.float64), np.asarray(cam_to_world, np.float64)
     v, u = np.mgrid[0:h, 0:w].reshape(2, -1).astype(np.float64)
     xc, yc = (u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1]
@@ -309,6 +305,19 @@ def render_view(prims: list[Primitive], albedo: np.ndarray, intrinsics: np.ndarr
         closer = t < best[idx]
         sel = idx[closer]
         best[sel], normal[:, sel], owner[sel] = t[closer], n[:, closer], j
+    return d, o, best, owner, normal, fx, fy
+
+
+def render_view(prims: list[Primitive], albedo: np.ndarray, intrinsics: np.ndarray,
+                cam_to_world: np.ndarray, image_size) -> tuple[np.ndarray, np.ndarray]:
+    """Ray casts one view. Returns rgb uint8 `[H, W, 3]` and z-depth float32 `[H, W]` (0 = sky).
+
+    Args:
+      albedo: `[N, 3]` colours in [0, 1] of `prims`.
+      intrinsics: `[3, 3]` pinhole K for this image size; cam_to_world: `[4, 4]` OpenCV pose.
+    """
+    h, w = _as_hw(image_size)
+    d, o, best, owner, normal, fx, fy = _cast(prims, intrinsics, cam_to_world, (h, w))
 
     hit = np.isfinite(best)
     tile = (np.floor(fx / CHECKER) + np.floor(fy / CHECKER)) % 2
@@ -376,6 +385,16 @@ def generate_scene(seed: int, *, image_size=(112, 112), num_views: int = 4) -> S
         label_names=tuple(names),
         qa=spatial_qa.generate_qa(prims, names, poses[0], qa_rng),
     ).validate()
+
+
+def visible_pixels(layout: Layout) -> np.ndarray:
+    """`[S, N]` pixels in which each view sees each object of `layout` (the nearest surface along
+    the pixel's ray is the object's), at the image size the layout was sampled for: how well the
+    images show it."""
+    k = layout.intrinsics  # the principal point sits at the image centre (_sample_cameras)
+    hw = (int(round(2 * k[1, 2] + 1)), int(round(2 * k[0, 2] + 1)))
+    owners = [_cast(layout.prims, k, pose, hw)[3] for pose in layout.cam_to_world]
+    return np.stack([np.bincount(o[o >= 0], minlength=len(layout.prims)) for o in owners])
 
 
 # ------------------------------------------------------------------------------------ splits

@@ -22,23 +22,32 @@ def test_crowding_counts_by_objects_and_gap(tmp_path):
 
     rows, expect_gaps = [], []
     for seed in (11, 12):
-        lay = synthetic.sample_layout(seed)
+        lay = synthetic.sample_layout(seed, image_size=64)
+        pixels = synthetic.visible_pixels(lay).sum(0)
         for i, qa in enumerate(spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)):
             wrong = i % 3 == 0  # every third answer wrong
             answer = {"yes": "no", "no": "yes"}[qa.answer] if wrong else qa.answer
+            fewer = int(min(pixels[j] for j in qa.subjects)) if qa.kind in study_learning.KINDS else 0
             rows.append({"sample_id": f"synthetic-{seed}", "kind": qa.kind, "question": qa.question,
-                         "answer": answer, "gt": qa.answer, "n": len(lay.prims)})
+                         "answer": answer, "gt": qa.answer, "n": len(lay.prims), "px": fewer})
             if qa.kind == "proximity":
                 expect_gaps.append(spatial_qa.surface_gap(*(lay.prims[s] for s in qa.subjects)))
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = study_learning.crowding(str(path))
+    out = study_learning.crowding(str(path), image_size=64)
     for kind in study_learning.KINDS:
         for n in {r["n"] for r in rows}:
             mine = [r for r in rows if r["kind"] == kind and r["n"] == n]
             if mine:
                 acc = sum(r["answer"] == r["gt"] for r in mine) / len(mine)
                 assert out["by_objects"][f"{kind}/{n}"] == pytest.approx((acc, len(mine)))
+        for key, (acc, n) in out["by_pixels_of_less_visible_object"].items():
+            if key.startswith(kind + "/"):
+                lo, hi = (float(x) for x in key.split("/")[1].removesuffix(" px").split("-"))
+                mine = [r for r in rows if r["kind"] == kind and lo <= r["px"] < hi]
+                assert (acc, n) == pytest.approx((sum(r["answer"] == r["gt"] for r in mine) / len(mine), len(mine)))
+    grounded = [r for r in rows if r["kind"] in study_learning.KINDS]
+    assert sum(n for _, n in out["by_pixels_of_less_visible_object"].values()) == len(grounded)
     assert sum(n for _, n in out["proximity_by_gap"].values()) == len(expect_gaps) > 0
     near = sum(g < 1e-3 for g in expect_gaps)
     assert out["proximity_by_gap"].get("0-0.001 m", (0, 0))[1] == near
@@ -46,3 +55,30 @@ def test_crowding_counts_by_objects_and_gap(tmp_path):
     bad.write_text(json.dumps({**rows[0], "sample_id": "scannet-scene0000_00"}) + "\n")
     with pytest.raises(SystemExit, match="scene0000_00.*not synthetic"):
         study_learning.crowding(str(bad))
+    bad.write_text(json.dumps({**grounded[0], "question": "Is the red box far from the sky?"}) + "\n")
+    with pytest.raises(SystemExit, match="far from the sky.*no question of spatial_qa.RELATIONS"):
+        study_learning.crowding(str(bad))
+
+
+def test_overlap_splits_joined_questions_by_who_is_right(tmp_path):
+    def write(name, answers):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"sample_id": f"synthetic-{i // 2}", "kind": kind,
+                                            "question": f"q{i}", "answer": ans, "gt": "yes"}) + "\n"
+                                for i, (kind, ans) in enumerate(answers)))
+        return str(path)
+
+    first = write("a.jsonl", [("proximity", "yes"), ("proximity", "yes"), ("proximity", "no"),
+                              ("proximity", "no"), ("size", "yes"), ("describe", "a box")])
+    second = write("b.jsonl", [("proximity", "yes"), ("proximity", "no"), ("proximity", "yes"),
+                               ("proximity", "unseen"), ("size", "no")])
+    assert study_learning.overlap(first, second) == {
+        "proximity": {"both": 1, "first_only": 1, "second_only": 1, "neither": 1},
+        "size": {"both": 0, "first_only": 1, "second_only": 0, "neither": 0}}
+    with pytest.raises(SystemExit, match="share no grounded question"):
+        study_learning.overlap(first, write("c.jsonl", [("describe", "x")]))
+    other = tmp_path / "d.jsonl"
+    other.write_text(json.dumps({"sample_id": "synthetic-0", "kind": "proximity", "question": "q0",
+                                 "answer": "no", "gt": "no"}) + "\n")
+    with pytest.raises(SystemExit, match="ground truth 'yes'.*but 'no'"):
+        study_learning.overlap(first, str(other))

@@ -241,3 +241,21 @@ def test_view_of_no_object_sees_floor_and_sky():
     assert 0.2 < floor.mean() < 0.8
     assert np.abs(pts[floor, 2]).max() < 1e-6  # every hit is on the floor plane (float32 depth)
     assert (rgb.reshape(-1, 3)[~floor, 2] > rgb.reshape(-1, 3)[~floor, 0]).all()
+
+
+def test_visible_pixels_are_where_objects_change_the_depth():
+    hw = (40, 48)
+    layout = synthetic.sample_layout(3, image_size=hw, num_views=2)
+    seen = synthetic.visible_pixels(layout)
+    assert seen.shape == (2, len(layout.prims)) and (seen.sum(0) > 0).all()
+
+    def depth(prims, pose):
+        return synthetic.render_view(prims, layout.albedo[:len(prims)], layout.intrinsics, pose, hw)[1]
+
+    for view, pose in enumerate(layout.cam_to_world):
+        empty = depth([], pose)  # floor and sky only
+        # Alone, an object shows wherever it moves the depth off the floor/sky; in the scene it
+        # shows there minus what the others hide, so every object together is the scene's change.
+        alone = synthetic.visible_pixels(layout._replace(prims=layout.prims[:1], cam_to_world=pose[None]))
+        assert alone[0, 0] == np.sum(depth(layout.prims[:1], pose) != empty) >= seen[view, 0]
+        assert seen[view].sum() == np.sum(depth(layout.prims, pose) != empty)
