@@ -9,7 +9,7 @@ without its ambiguity bands; "touching" within `--contact_tol`). A decoder readi
 fields cannot beat this by much, so below the goal here the vision side is the bottleneck.
 
     python -m benchmarks.study_vision_ceiling [--checkpoint=W/vision/vggt.safetensors] \
-        [--scenes=48] [--views=all|first] [--keep=64]
+        [--scenes=48] [--views=all|first] [--keep=64] [--image_size=112 [--pos_embed_size=112]]
 
 Prints per-kind accuracy (also by the number of objects in the scene) and the per-object errors
 (centre in metres, log-size L1, class accuracy). `--keep=K` reads objects only from the K patches
@@ -174,6 +174,11 @@ def main() -> None:
                    help="read objects only from the K most object-like patches (0: all), as objects<K>")
     p.add_argument("--slots", type=int, default=0,
                    help="read each object from its slot of vision_pool=slots<K> (0: from its patches)")
+    p.add_argument("--image_size", type=int, default=0,
+                   help="render the scenes at this size (0: the tiny preset's)")
+    p.add_argument("--pos_embed_size", type=int, default=0,
+                   help="the image size the checkpoint's position embeddings were made for "
+                        "(0: --image_size; 112 for a stage continued from the shipped weights)")
     p.add_argument("--answers", default="", help="write each question's ceiling answer here (jsonl)")
     p.add_argument("--contact_tol", type=float, default=0.05, help="metres of gap still 'touching'")
     p.add_argument("--noise_sweep", default="",
@@ -183,6 +188,11 @@ def main() -> None:
         return noise_sweep(a)
 
     config = student_config.get_config("tiny")
+    if a.image_size:  # scenes rendered larger or smaller than the preset's
+        config.data.image_size = a.image_size
+    # The checkpoint's position-embedding grid is the size it was first trained at; a stage
+    # continued at another size keeps it (interpolated at run time).
+    config.model.vision.pos_embed_size = a.pos_embed_size or config.data.image_size
     size = config.data.image_size
     model = vision.student_with_vision(config, a.checkpoint)
     patch = model.cfg.aggregator.patch_size
