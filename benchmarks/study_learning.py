@@ -155,13 +155,19 @@ def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: st
     return scores
 
 
+def relation_patterns() -> dict[str, re.Pattern]:
+    """Each relation of `spatial_qa.RELATIONS` as a regex of its question, the two object names
+    captured ("Is the (.+) near the (.+)?")."""
+    from data_pipelines import spatial_qa
+
+    return {name: re.compile("^" + re.escape(t).replace(r"\{a\}", "(.+)").replace(r"\{b\}", "(.+)") + "$")
+            for name, (_, t, _) in spatial_qa.RELATIONS.items()}
+
+
 def per_relation(predictions_path: str) -> dict[str, float]:
     """Generated-answer accuracy per question template (`relation/<name>_acc`, the relations of
     `spatial_qa.RELATIONS`), from the eval stage's predictions file."""
-    from data_pipelines import spatial_qa
-
-    patterns = {name: re.compile("^" + re.escape(t).replace(r"\{a\}", ".+").replace(r"\{b\}", ".+") + "$")
-                for name, (_, t, _) in spatial_qa.RELATIONS.items()}
+    patterns = relation_patterns()
     right, total = collections.Counter(), collections.Counter()
     for line in open(predictions_path):
         p = json.loads(line)
@@ -182,8 +188,7 @@ def crowding(predictions_path: str, image_size: int = 112) -> dict[str, dict]:
 
     bands = (0.0, 1e-3, 0.03, 0.06, 0.10, 0.50, 0.60, 0.75, 1.0, 1.5, float("inf"))
     pixel_bands = (0, 50, 100, 200, 400, float("inf"))
-    templates = [re.compile("^" + re.escape(t).replace(r"\{a\}", "(.+)").replace(r"\{b\}", "(.+)") + "$")
-                 for _, t, _ in spatial_qa.RELATIONS.values()]
+    templates = relation_patterns().values()
     by_count, by_pixels, by_gap = (collections.defaultdict(list) for _ in range(3))
     layouts = {}
     for line in open(predictions_path):

@@ -187,6 +187,8 @@ def main() -> None:
     if a.noise_sweep:
         return noise_sweep(a)
 
+    if a.keep and a.slots:
+        p.error("--keep and --slots are two different poolings; pass one")
     config = student_config.get_config("tiny")
     if a.image_size:  # scenes rendered larger or smaller than the preset's
         config.data.image_size = a.image_size
@@ -197,8 +199,6 @@ def main() -> None:
     model = vision.student_with_vision(config, a.checkpoint)
     patch = model.cfg.aggregator.patch_size
     num_classes = model.cfg.object_head.num_classes
-    if a.keep and a.slots:
-        p.error("--keep and --slots are two different poolings; pass one")
 
     @nnx.jit
     def read(model, batch):

@@ -47,6 +47,9 @@ def test_crowding_counts_by_objects_and_gap(tmp_path):
                 mine = [r for r in rows if r["kind"] == kind and lo <= r["px"] < hi]
                 assert (acc, n) == pytest.approx((sum(r["answer"] == r["gt"] for r in mine) / len(mine), len(mine)))
     grounded = [r for r in rows if r["kind"] in study_learning.KINDS]
+    asked_near = [r for r in grounded if " near the " in r["question"]]
+    assert study_learning.per_relation(str(path))["relation/near_acc"] == pytest.approx(
+        sum(r["answer"] == r["gt"] for r in asked_near) / len(asked_near))
     assert sum(n for _, n in out["by_pixels_of_less_visible_object"].values()) == len(grounded)
     assert sum(n for _, n in out["proximity_by_gap"].values()) == len(expect_gaps) > 0
     near = sum(g < 1e-3 for g in expect_gaps)
