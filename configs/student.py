@@ -267,6 +267,9 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     # on CPU); kernel block sizes as kind:BQxBK, e.g. pallas:256x128 (kernels/attention.py).
     m.attention = "xla"
     m.vision_pool = p["pool"]  # mean1 (the paper's) | grid<g> per view | patch | objects<k> | slots<k>
+    # objects<k> counts patches, so k must grow with the image area: objects64 is a quarter of the
+    # tiny preset's 4 x 8 x 8 patches at 112 px; at 168 px the same quarter is objects144, and
+    # objects64 there drops whole objects (docs/learning.md, "At 168 pixels").
     m.slots = ml_collections.ConfigDict()  # vision_pool slots<k>: patches grouped into objects
     m.slots.radius = 0.75  # metres between a patch's predicted object centre and its seed's
     m.slots.colour_scale = 0.15  # RGB distance in [0, 1] within which a patch joins a slot
