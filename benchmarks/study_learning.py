@@ -287,9 +287,11 @@ def text_prior(base: str) -> dict[str, float]:
     return {k: right[k] / total[k] for k in KINDS if total[k]}
 
 
-def plot(bases: list[str], out: str, only: list[str] | None = None) -> None:
+def plot(bases: list[str], out: str, only: list[str] | None = None, goal: float | None = None,
+         ymin: float = 0.4):
     """One panel per kind: every run under each base's `study/` (or the `only` names), solid
-    generated and dotted teacher-forced accuracy, each base's text-only prior dashed."""
+    generated and dotted teacher-forced accuracy, each base's text-only prior dashed, and the
+    main job's goal per kind (or `goal` for every kind: the study's 0.95 at saturation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,10 +315,11 @@ def plot(bases: list[str], out: str, only: list[str] | None = None) -> None:
             ax.axhline(prior[kind], color="k", ls="--", lw=1, alpha=0.6,
                        label=f"text-only prior (seed {seed} data)")
     for ax, kind in zip(axes, KINDS):
-        ax.axhline(0.85 if kind in ("proximity", "contact") else 0.80, color="r", lw=0.8, label="goal")
+        line = goal if goal is not None else 0.85 if kind in ("proximity", "contact") else 0.80
+        ax.axhline(line, color="r", lw=0.8, label=f"goal {line:.2f}")
         ax.set_title(kind)
         ax.set_xlabel("train step")
-        ax.set_ylim(0.4, 1.0)
+        ax.set_ylim(ymin, 1.0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (solid: generated, dotted: teacher-forced)")
     axes[-1].legend(fontsize=7, loc="lower right")
@@ -324,6 +327,7 @@ def plot(bases: list[str], out: str, only: list[str] | None = None) -> None:
     fig.savefig(out, dpi=110)
     print(f"wrote {out}; text-only prior " + "; ".join(
         f"{b}: {json.dumps({k: round(v, 3) for k, v in p.items()})}" for b, p in priors.items()))
+    return fig
 
 
 def main() -> None:
@@ -344,6 +348,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--out", default="docs/learning_curves.png")
+    p.add_argument("--goal", type=float, default=None,
+                   help="plot: one goal line for every kind (default: the main job's per-kind goals)")
+    p.add_argument("--ymin", type=float, default=0.4, help="plot: the accuracy axis starts here")
     p.add_argument("--eval_base", default=None, help="score: the workdir whose eval split scores the run")
     p.add_argument("--at", default=None, help="run/score: only the checkpoints of these steps, "
                    "comma-separated (default: every saved one)")
@@ -371,7 +378,8 @@ def main() -> None:
     elif args.command == "prior":
         print(json.dumps({k: round(v, 3) for k, v in text_prior(args.base).items()}))
     else:
-        plot(args.base.split(","), args.out, args.only.split(",") if args.only else None)
+        plot(args.base.split(","), args.out, args.only.split(",") if args.only else None, args.goal,
+             args.ymin)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,32 @@ def test_overlap_splits_joined_questions_by_who_is_right(tmp_path):
                                  "answer": "no", "gt": "no"}) + "\n")
     with pytest.raises(SystemExit, match="ground truth 'yes'.*but 'no'"):
         study_learning.overlap(first, str(other))
+
+
+def test_plot_draws_each_runs_curves_the_prior_and_the_goal(tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    study.mkdir()
+    curve = [{"step": s, **{f"grounded/{k}_acc": a for k in study_learning.KINDS},
+              **{f"grounded_forced/{k}_acc": a + 0.01 for k in study_learning.KINDS}}
+             for s, a in ((2000, 0.9), (4000, 0.96))]
+    (study / "long.json").write_text(json.dumps({"name": "long", "seed": 0, "curve": curve}))
+    (study / "skipped.json").write_text(json.dumps({"name": "skipped", "seed": 0, "curve": curve[:1]}))
+    prior = dict(zip(study_learning.KINDS, (0.55, 0.62, 0.62, 0.53)))
+    monkeypatch.setattr(study_learning, "text_prior", lambda base: prior)
+
+    def horizontal(ax):
+        return sorted(round(float(line.get_ydata()[0]), 3) for line in ax.lines
+                      if len(set(line.get_ydata())) == 1 and len(line.get_ydata()) == 2)
+
+    fig = study_learning.plot([str(tmp_path)], str(tmp_path / "a.png"), only=["long"], goal=0.95, ymin=0.8)
+    assert (tmp_path / "a.png").stat().st_size > 0
+    for ax, kind in zip(fig.axes, study_learning.KINDS):
+        assert ax.get_title() == kind and ax.get_ylim() == (0.8, 1.0)
+        generated, forced = ax.lines[0], ax.lines[1]  # the one run named in `only`
+        assert list(generated.get_xdata()) == [2000, 4000] and list(generated.get_ydata()) == [0.9, 0.96]
+        assert list(forced.get_ydata()) == pytest.approx([0.91, 0.97])
+        assert horizontal(ax) == [prior[kind], 0.95]
+    # Without `goal`: the main job's goals per kind.
+    fig = study_learning.plot([str(tmp_path)], str(tmp_path / "b.png"), only=["long"])
+    assert [horizontal(ax)[-1] for ax in fig.axes] == [0.85, 0.85, 0.8, 0.8]
+    assert fig.axes[0].get_ylim() == (0.4, 1.0)

@@ -17,6 +17,8 @@ from spatial_distill.train import vision
 from tests.test_trainer import tiny_config
 
 SHIPPED = Path(student_configs.TINY_VISION_CHECKPOINT)
+# The same stage continued at 168 x 168 pixels (docs/learning.md, "At 168 pixels").
+SHIPPED_168 = SHIPPED.with_name("vggt_tiny_synthetic_168.safetensors")
 
 
 @pytest.mark.slow
@@ -67,12 +69,20 @@ def test_vision_stage_trains_exports_and_the_student_loads_it(tmp_path):
     assert init["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
 
 
-def test_shipped_checkpoint_reloads_and_reproduces_its_held_out_figures():
-    record = json.loads(SHIPPED.with_suffix(".json").read_text())
-    assert hashlib.sha256(SHIPPED.read_bytes()).hexdigest() == record["sha256"]
+@pytest.mark.parametrize("path", [SHIPPED, SHIPPED_168], ids=["112px", "168px"])
+def test_shipped_checkpoint_reloads_and_reproduces_its_held_out_figures(path):
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
     config = student_configs.get_config("tiny")
     assert config.model.vision.checkpoint == str(SHIPPED)
-    model = vision.student_with_vision(config, str(SHIPPED))
+    # Read as it was trained: its image size, its position-embedding grid (None: made for the
+    # image size; the 168-px stage continued from the 112-px weights and kept their 8 x 8 grid,
+    # interpolated to 12 x 12).
+    config.model.vision.checkpoint = str(path)
+    config.data.image_size = record["data"]["image_size"]
+    config.model.vision.pos_embed_size = (record["model"]["vision"]["pos_embed_size"]
+                                          or record["data"]["image_size"])
+    model = vision.student_with_vision(config, str(path))
     scenes = vision.reference_scenes(config)
     assert record["reference"]["split_seed"] == 1 and record["reference"]["indices"] == list(range(len(scenes)))
     got = vision.reference_figures(model, scenes)

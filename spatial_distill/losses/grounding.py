@@ -69,22 +69,51 @@ def grounding_loss(pred: jax.Array, referred: jax.Array, question_mask: jax.Arra
     return attr_l1 + class_ce + colour_l1, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-# Relation readout: the axis a relation word compares along, in `geometry.ATTRIBUTES` terms.
-RELATION_AXES = ("size", "x", "z", "gap")
+# Relation readout: the axis a relation word compares along, in `geometry.ATTRIBUTES` terms;
+# `surface` from the world boxes (`surface_gap`).
+RELATION_AXES = ("size", "x", "z", "gap", "surface")
+
+
+def surface_gap(s: jax.Array, r: jax.Array) -> jax.Array:
+    """Separating-axis gap of world boxes `[..., 7]` (cx, cy, cz, dx, dy, dz, yaw about the
+    vertical z): the largest separation along the vertical and the four footprint edge normals.
+
+    For boxes whose vertical axes are parallel these five axes decide separation (every edge
+    cross product is one of them), so the result is > 0 exactly when the boxes are apart: a lower
+    bound of their distance, equal to it when the nearest features face each other along one
+    axis (a box resting on another: 0), and minus the smallest penetration when they overlap.
+    `gap` (centre distance less mean half extents) is blind to yaw and shape: it decides "near"
+    wrongly on 5% of the synthetic questions and "touching" on a third (docs/learning.md).
+    """
+    s, r = s.astype(jnp.float32), r.astype(jnp.float32)
+    d = r[..., :3] - s[..., :3]
+    best = jnp.abs(d[..., 2]) - 0.5 * (s[..., 5] + r[..., 5])
+    for box in (s, r):
+        for turn in (0.0, 0.5 * jnp.pi):
+            nx, ny = jnp.cos(box[..., 6] + turn), jnp.sin(box[..., 6] + turn)
+
+            def radius(q, nx=nx, ny=ny):  # half the box's footprint extent along (nx, ny)
+                c, si = jnp.cos(q[..., 6]), jnp.sin(q[..., 6])
+                return 0.5 * (q[..., 3] * jnp.abs(c * nx + si * ny) + q[..., 4] * jnp.abs(-si * nx + c * ny))
+
+            best = jnp.maximum(best, jnp.abs(d[..., 0] * nx + d[..., 1] * ny) - radius(s) - radius(r))
+    return best
 
 
 def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[tuple[int, ...], str, float, float], ...]:
-    """`{word: "+size" | "-x" | "gap<0.15" ...}` -> `((token_ids, axis, sign, offset), ...)`: a
-    question containing the word's tokens asks whether `sign * difference + offset > 0`,
-    the difference of subject and reference along `axis` (`relation_margins`); `gap<t` asks
-    whether the two objects' gap is below `t` metres."""
+    """`{word: "+size" | "-x" | "gap<0.15" | "surface<0.01" ...}` -> `((token_ids, axis, sign,
+    offset), ...)`: a question containing the word's tokens asks whether `sign * difference +
+    offset > 0`, the difference of subject and reference along `axis` (`relation_margins`);
+    `gap<t` / `surface<t` ask whether the two objects' rough / separating-axis gap is below `t`
+    metres."""
     out = []
     for word, spec in relations.items():
         ids = tokenizer.encode(word)
-        if spec.startswith("gap<"):  # near: the gap below `offset`, i.e. -gap + offset > 0
-            sign, axis = "-", "gap"
+        axis = spec.split("<")[0]
+        if axis in ("gap", "surface") and "<" in spec:  # the gap below `offset`: -gap + offset > 0
+            sign = "-"
             try:
-                offset, ok = float(spec[4:]), True
+                offset, ok = float(spec[len(axis) + 1:]), True
             except ValueError:
                 offset, ok = 0.0, False
         else:
@@ -92,7 +121,7 @@ def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tupl
             ok = sign in ("+", "-") and axis in RELATION_AXES[:3]
         if not ok:
             raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
-                             f"{RELATION_AXES[:3]} (e.g. '+size'), or 'gap<metres'")
+                             f"{RELATION_AXES[:3]} (e.g. '+size'), 'gap<metres' or 'surface<metres'")
         if not ids or not all(0 <= i < vocab_size for i in ids):
             raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}, not tokens of "
                              f"the decoder's vocabulary [0, {vocab_size})")
@@ -112,25 +141,35 @@ def _contains(ids: jax.Array, tokens: tuple[int, ...]) -> jax.Array:
 
 
 def relation_margins(prompt_ids: jax.Array, referred: jax.Array, attributes: jax.Array,
-                     relations) -> tuple[jax.Array, jax.Array]:
+                     relations, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The signed margin that decides each question, and where one exists.
 
-    prompt_ids `[B, Q, Lp]`, referred `[B, Q, 2]`, attributes `[B, N, A]` (camera 0's frame).
+    prompt_ids `[B, Q, Lp]`, referred `[B, Q, 2]`, attributes `[B, N, A]` (camera 0's frame),
+    boxes `[B, N, 7]` (world; read by `surface` only).
     A question whose prompt holds a relation word compares subject `s` and reference `r`:
     `size`: log box volume s - r (sum of log sizes); `x`: x_r - x_s (s left of r: > 0);
     `z`: z_r - z_s (s in front of r: > 0); `gap`: the distance of the centres less each box's
-    mean half extent (a rough surface gap, blind to yaw); times the word's sign, plus its offset.
+    mean half extent (a rough surface gap, blind to yaw); `surface`: `surface_gap` of the two
+    world boxes; times the word's sign, plus its offset.
     Returns margins `[B, Q]`
     and validity `[B, Q]` (a relation word and two referred objects).
     """
     b, q, _ = referred.shape
     idx = jnp.maximum(referred, 0).reshape(b, q * 2, 1)
-    pair = jnp.take_along_axis(attributes.astype(jnp.float32), idx, axis=1).reshape(b, q, 2, -1)
-    s, r = pair[:, :, 0], pair[:, :, 1]
+
+    def pairs(x):  # [B, N, F] -> subject, reference [B, Q, F]
+        both = jnp.take_along_axis(x.astype(jnp.float32), idx, axis=1).reshape(b, q, 2, -1)
+        return both[:, :, 0], both[:, :, 1]
+
+    s, r = pairs(attributes)
     half = lambda o: 0.5 * jnp.exp(o[..., 3:6]).mean(-1)
     along = {"size": s[..., 3:6].sum(-1) - r[..., 3:6].sum(-1), "x": r[..., 0] - s[..., 0],
              "z": r[..., 2] - s[..., 2],
              "gap": jnp.linalg.norm(s[..., :3] - r[..., :3] + 1e-12, axis=-1) - half(s) - half(r)}
+    if any(axis == "surface" for _, axis, _, _ in relations):
+        if boxes is None:
+            raise ValueError("a 'surface<metres' relation needs the world boxes: pass boxes [B, N, 7]")
+        along["surface"] = surface_gap(*pairs(boxes))
     margin = jnp.zeros((b, q), jnp.float32)
     found = jnp.zeros((b, q), bool)
     for tokens, axis, sign, offset in relations:
@@ -141,7 +180,8 @@ def relation_margins(prompt_ids: jax.Array, referred: jax.Array, attributes: jax
 
 
 def relation_loss(pred: jax.Array, prompt_ids: jax.Array, referred: jax.Array,
-                  question_mask: jax.Array, attributes: jax.Array, relations, clip: float = 1.0):
+                  question_mask: jax.Array, attributes: jax.Array, relations, clip: float = 1.0,
+                  boxes: jax.Array | None = None):
     """The answer position regresses the relation's signed margin (`relation_margins`, clipped to
     ±`clip`): a dense target that cannot be met without reading *which* relation is asked.
 
@@ -149,7 +189,7 @@ def relation_loss(pred: jax.Array, prompt_ids: jax.Array, referred: jax.Array,
     answer is the relation word times the geometry, and a binary signal gives little gradient to
     the product (docs/learning.md). pred `[B, Q]`. Returns (MSE, metrics).
     """
-    margin, valid = relation_margins(prompt_ids, referred, attributes, relations)
+    margin, valid = relation_margins(prompt_ids, referred, attributes, relations, boxes)
     valid = valid & question_mask.astype(bool)
     n = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     pred = pred.astype(jnp.float32)

@@ -182,7 +182,8 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
             targets["colours"], targets["seen"], batch["labels"])
         if spec.relations:
             rel, m2 = relation_loss(out["relation"], batch["prompt_ids"], batch["referred"],
-                                    batch["question_mask"], targets["attributes"], spec.relations)
+                                    batch["question_mask"], targets["attributes"], spec.relations,
+                                    boxes=batch["boxes"])
             losses["ground"] = losses["ground"] + spec.relation_weight * rel
             m = {**m, **m2, "ground/relation_mse": rel}
         metrics.update(m, **{"aux/ground": losses["ground"]})
