@@ -88,16 +88,19 @@ def surface_gap(s: jax.Array, r: jax.Array) -> jax.Array:
     s, r = s.astype(jnp.float32), r.astype(jnp.float32)
     d = r[..., :3] - s[..., :3]
     best = jnp.abs(d[..., 2]) - 0.5 * (s[..., 5] + r[..., 5])
-    for box in (s, r):
-        for turn in (0.0, 0.5 * jnp.pi):
-            nx, ny = jnp.cos(box[..., 6] + turn), jnp.sin(box[..., 6] + turn)
-
-            def radius(q, nx=nx, ny=ny):  # half the box's footprint extent along (nx, ny)
-                c, si = jnp.cos(q[..., 6]), jnp.sin(q[..., 6])
-                return 0.5 * (q[..., 3] * jnp.abs(c * nx + si * ny) + q[..., 4] * jnp.abs(-si * nx + c * ny))
-
-            best = jnp.maximum(best, jnp.abs(d[..., 0] * nx + d[..., 1] * ny) - radius(s) - radius(r))
+    for angle in (s[..., 6], s[..., 6] + 0.5 * jnp.pi, r[..., 6], r[..., 6] + 0.5 * jnp.pi):
+        n = jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
+        apart = jnp.abs(jnp.sum(d[..., :2] * n, -1)) - _half_extent(s, n) - _half_extent(r, n)
+        best = jnp.maximum(best, apart)
     return best
+
+
+def _half_extent(box: jax.Array, n: jax.Array) -> jax.Array:
+    """Half the footprint of world boxes `[..., 7]` along horizontal unit vectors `n [..., 2]`."""
+    c, s = jnp.cos(box[..., 6]), jnp.sin(box[..., 6])
+    along_x = jnp.abs(c * n[..., 0] + s * n[..., 1])
+    along_y = jnp.abs(-s * n[..., 0] + c * n[..., 1])
+    return 0.5 * (box[..., 3] * along_x + box[..., 4] * along_y)
 
 
 def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[tuple[int, ...], str, float, float], ...]:
