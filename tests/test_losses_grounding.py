@@ -80,7 +80,7 @@ def test_shape_errors_are_named():
 class Words:
     """One token per word (id = position in the list + 10)."""
 
-    words = ["bigger", "smaller", "left", "right", "front", "behind", "near"]
+    words = ["bigger", "smaller", "left", "right", "front", "behind", "near", "touching"]
 
     def encode(self, text):
         return [self.words.index(text) + 10] if text in self.words else [1, 2]
@@ -225,3 +225,35 @@ def test_surface_margin_decides_the_synthetic_near_questions():
         relation_margins(prompt, referred, attributes, rel)
     with pytest.raises(ValueError, match=r"relations\['near'\] = 'surface<'"):
         resolve_relations(Words(), {"near": "surface<"}, vocab_size=64)
+
+
+def test_scaled_surface_margin_decides_the_synthetic_touching_questions():
+    # "touching" is yes at a gap <= 1 mm and asked "no" only from 2 cm: a threshold of 1 cm times
+    # 50 puts the targets of boxes at least 0.45 from zero. Cylinders are read as their boxes, so a few
+    # "no" pairs (a cylinder beside a box corner) sit closer than they are.
+    from data_pipelines import spatial_qa, synthetic
+
+    rel = resolve_relations(Words(), {"touching": "surface<0.01*50", "near": "off"}, vocab_size=64)
+    assert rel == (((17,), "surface", -50.0, 0.5),)
+    agree = total = 0
+    for seed in range(40):
+        lay = synthetic.sample_layout(seed, image_size=(28, 28))
+        boxes = np.array([[*p.center, *p.size, p.yaw] for p in lay.prims], np.float32)[None]
+        asked = [qa for qa in spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)
+                 if "touching" in qa.question]
+        if not asked:
+            continue
+        prompt = np.full((1, len(asked), 1), 17, np.int32)
+        referred = np.array([[qa.subjects for qa in asked]], np.int32)
+        margin, valid = relation_margins(prompt, referred, np.zeros((1, len(lay.prims), 8), np.float32),
+                                         rel, boxes=boxes)
+        margin = np.asarray(margin)[0]
+        yes = np.array([qa.answer == "yes" for qa in asked])
+        # Boxes that touch have a separating-axis gap <= 1 mm: a target of at least 0.45.
+        assert bool(valid.all()) and (margin[yes] >= 0.45 - 1e-4).all(), seed
+        agree += int(((margin > 0) == yes).sum())
+        total += len(asked)
+    assert total >= 60 and agree / total >= 0.95, (agree, total)  # 80 of 82 here
+    for bad in ("surface<0.01*", "surface<0.01*0", "surface<0.01*x"):
+        with pytest.raises(ValueError, match=r"optionally '\*k' \(k > 0\), or 'off'"):
+            resolve_relations(Words(), {"touching": bad}, vocab_size=64)

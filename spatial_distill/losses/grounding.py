@@ -104,31 +104,43 @@ def _half_extent(box: jax.Array, n: jax.Array) -> jax.Array:
 
 
 def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tuple[tuple[int, ...], str, float, float], ...]:
-    """`{word: "+size" | "-x" | "gap<0.15" | "surface<0.01" ...}` -> `((token_ids, axis, sign,
-    offset), ...)`: a question containing the word's tokens asks whether `sign * difference +
-    offset > 0`, the difference of subject and reference along `axis` (`relation_margins`);
-    `gap<t` / `surface<t` ask whether the two objects' rough / separating-axis gap is below `t`
-    metres."""
+    """`{word: "+size" | "-x" | "gap<0.15" | "surface<0.01*50" | "off" ...}` -> `((token_ids,
+    axis, sign, offset), ...)`: a question containing the word's tokens asks whether `sign *
+    difference + offset > 0`, the difference of subject and reference along `axis`
+    (`relation_margins`); `gap<t` / `surface<t` ask whether the two objects' rough /
+    separating-axis gap is below `t` metres. An optional `*k` multiplies the margin by `k`, so a
+    threshold of centimetres still gives targets that reach the readout's clip (±1) instead of
+    sitting within 0.01 of zero. `off`: the word has no target."""
     out = []
     for word, spec in relations.items():
+        if spec == "off":
+            continue
         ids = tokenizer.encode(word)
-        axis = spec.split("<")[0]
-        if axis in ("gap", "surface") and "<" in spec:  # the gap below `offset`: -gap + offset > 0
+        body, star, times = spec.partition("*")
+        try:
+            scale, ok = (float(times), True) if star else (1.0, True)
+        except ValueError:
+            scale, ok = 1.0, False
+        ok = ok and scale > 0
+        axis = body.split("<")[0]
+        if axis in ("gap", "surface") and "<" in body:  # the gap below `offset`: -gap + offset > 0
             sign = "-"
             try:
-                offset, ok = float(spec[len(axis) + 1:]), True
+                offset = float(body[len(axis) + 1:])
             except ValueError:
                 offset, ok = 0.0, False
         else:
-            sign, axis, offset = spec[:1], spec[1:], 0.0
-            ok = sign in ("+", "-") and axis in RELATION_AXES[:3]
+            sign, axis, offset = body[:1], body[1:], 0.0
+            ok = ok and sign in ("+", "-") and axis in RELATION_AXES[:3]
         if not ok:
             raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
-                             f"{RELATION_AXES[:3]} (e.g. '+size'), 'gap<metres' or 'surface<metres'")
+                             f"{RELATION_AXES[:3]} (e.g. '+size'), 'gap<metres' or 'surface<metres', "
+                             f"optionally '*k' (k > 0), or 'off'")
         if not ids or not all(0 <= i < vocab_size for i in ids):
             raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}, not tokens of "
                              f"the decoder's vocabulary [0, {vocab_size})")
-        out.append((tuple(int(i) for i in ids), axis, 1.0 if sign == "+" else -1.0, offset))
+        out.append((tuple(int(i) for i in ids), axis, (1.0 if sign == "+" else -1.0) * scale,
+                    offset * scale))
     return tuple(out)
 
 
