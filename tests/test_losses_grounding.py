@@ -198,61 +198,55 @@ def test_surface_gap_is_the_exact_gap_face_to_face_and_a_lower_bound_otherwise()
     assert (got <= exact + 1e-5).all()
 
 
+def synthetic_margins(word: str, token: int, rel, seeds: int):
+    """Per synthetic scene that asks `word`: the relation margins of its questions (the prompt
+    reduced to the word's one token) and their true answers."""
+    from data_pipelines import spatial_qa, synthetic
+
+    for seed in range(seeds):
+        lay = synthetic.sample_layout(seed, image_size=(28, 28))
+        boxes = np.array([[*p.center, *p.size, p.yaw] for p in lay.prims], np.float32)[None]
+        asked = [qa for qa in spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)
+                 if word in qa.question]
+        if not asked:
+            continue
+        prompt = np.full((1, len(asked), 1), token, np.int32)
+        referred = np.array([[qa.subjects for qa in asked]], np.int32)
+        attributes = np.zeros((1, len(lay.prims), 8), np.float32)  # unused by `surface`
+        margin, valid = relation_margins(prompt, referred, attributes, rel, boxes=boxes)
+        assert bool(valid.all()), seed
+        yield seed, np.asarray(margin)[0], np.array([qa.answer == "yes" for qa in asked])
+
+
 def test_surface_margin_decides_the_synthetic_near_questions():
     # The rough `gap` disagrees with the dataset's "near" on ~5% of questions (docs/learning.md);
     # the separating-axis gap of the objects' boxes agrees on every one.
-    from data_pipelines import spatial_qa, synthetic
-
     rel = resolve_relations(Words(), {"near": "surface<0.15"}, vocab_size=64)
     assert rel == (((16,), "surface", -1.0, 0.15),)
     checked = 0
-    for seed in range(12):
-        lay = synthetic.sample_layout(seed, image_size=(28, 28))
-        boxes = np.array([[*p.center, *p.size, p.yaw] for p in lay.prims], np.float32)[None]
-        near = [qa for qa in spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)
-                if "near" in qa.question]
-        if not near:
-            continue
-        prompt = np.full((1, len(near), 1), 16, np.int32)
-        referred = np.array([[qa.subjects for qa in near]], np.int32)
-        attributes = np.zeros((1, len(lay.prims), 8), np.float32)  # unused by `surface`
-        margin, valid = relation_margins(prompt, referred, attributes, rel, boxes=boxes)
-        assert bool(valid.all())
-        assert [m > 0 for m in np.asarray(margin)[0]] == [qa.answer == "yes" for qa in near], seed
-        checked += len(near)
+    for seed, margin, yes in synthetic_margins("near", 16, rel, seeds=12):
+        assert ((margin > 0) == yes).all(), seed
+        checked += len(yes)
     assert checked >= 30
     with pytest.raises(ValueError, match="'surface<metres' relation needs the world boxes"):
-        relation_margins(prompt, referred, attributes, rel)
+        relation_margins(np.full((1, 1, 1), 16, np.int32), np.zeros((1, 1, 2), np.int32),
+                         np.zeros((1, 2, 8), np.float32), rel)
     with pytest.raises(ValueError, match=r"relations\['near'\] = 'surface<'"):
         resolve_relations(Words(), {"near": "surface<"}, vocab_size=64)
 
 
 def test_scaled_surface_margin_decides_the_synthetic_touching_questions():
     # "touching" is yes at a gap <= 1 mm and asked "no" only from 2 cm: a threshold of 1 cm times
-    # 50 puts the targets of boxes at least 0.45 from zero. Cylinders are read as their boxes, so a few
-    # "no" pairs (a cylinder beside a box corner) sit closer than they are.
-    from data_pipelines import spatial_qa, synthetic
-
+    # 50 puts the targets of boxes at least 0.45 from zero. Cylinders are read as their boxes, so
+    # a few "no" pairs (a cylinder beside a box corner) sit closer than they are.
     rel = resolve_relations(Words(), {"touching": "surface<0.01*50", "near": "off"}, vocab_size=64)
     assert rel == (((17,), "surface", -50.0, 0.5),)
     agree = total = 0
-    for seed in range(40):
-        lay = synthetic.sample_layout(seed, image_size=(28, 28))
-        boxes = np.array([[*p.center, *p.size, p.yaw] for p in lay.prims], np.float32)[None]
-        asked = [qa for qa in spatial_qa.generate_qa(lay.prims, lay.names, lay.cam_to_world[0], lay.qa_rng)
-                 if "touching" in qa.question]
-        if not asked:
-            continue
-        prompt = np.full((1, len(asked), 1), 17, np.int32)
-        referred = np.array([[qa.subjects for qa in asked]], np.int32)
-        margin, valid = relation_margins(prompt, referred, np.zeros((1, len(lay.prims), 8), np.float32),
-                                         rel, boxes=boxes)
-        margin = np.asarray(margin)[0]
-        yes = np.array([qa.answer == "yes" for qa in asked])
+    for seed, margin, yes in synthetic_margins("touching", 17, rel, seeds=40):
         # Boxes that touch have a separating-axis gap <= 1 mm: a target of at least 0.45.
-        assert bool(valid.all()) and (margin[yes] >= 0.45 - 1e-4).all(), seed
+        assert (margin[yes] >= 0.45 - 1e-4).all(), seed
         agree += int(((margin > 0) == yes).sum())
-        total += len(asked)
+        total += len(yes)
     assert total >= 60 and agree / total >= 0.95, (agree, total)  # 80 of 82 here
     for bad in ("surface<0.01*", "surface<0.01*0", "surface<0.01*x"):
         with pytest.raises(ValueError, match=r"optionally '\*k' \(k > 0\), or 'off'"):
