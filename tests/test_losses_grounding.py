@@ -248,6 +248,6 @@ def test_scaled_surface_margin_decides_the_synthetic_touching_questions():
         agree += int(((margin > 0) == yes).sum())
         total += len(yes)
     assert total >= 60 and agree / total >= 0.95, (agree, total)  # 80 of 82 here
-    for bad in ("surface<0.01*", "surface<0.01*0", "surface<0.01*x"):
+    for bad in ("surface<0.01*", "surface<0.01*0", "surface<0.01*x", "surface<0.01*inf", "surface<nan*50"):
         with pytest.raises(ValueError, match=r"optionally '\*k' \(k > 0\), or 'off'"):
             resolve_relations(Words(), {"touching": bad}, vocab_size=64)

@@ -121,12 +121,13 @@ def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tupl
             scale, ok = (float(times), True) if star else (1.0, True)
         except ValueError:
             scale, ok = 1.0, False
-        ok = ok and scale > 0
+        ok = ok and 0 < scale < float("inf")
         axis = body.split("<")[0]
         if axis in ("gap", "surface") and "<" in body:  # the gap below `offset`: -gap + offset > 0
             sign = "-"
             try:
                 offset = float(body[len(axis) + 1:])
+                ok = ok and abs(offset) < float("inf")
             except ValueError:
                 offset, ok = 0.0, False
         else:
