@@ -19,6 +19,8 @@ for objects some pixel sees. Metrics: `ground/centre_err_m` (Euclidean, metres),
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -117,32 +119,31 @@ def resolve_relations(tokenizer, relations: dict, vocab_size: int) -> tuple[tupl
             continue
         ids = tokenizer.encode(word)
         body, star, times = spec.partition("*")
-        try:
-            scale, ok = (float(times), True) if star else (1.0, True)
-        except ValueError:
-            scale, ok = 1.0, False
-        ok = ok and 0 < scale < float("inf")
-        axis = body.split("<")[0]
-        if axis in ("gap", "surface") and "<" in body:  # the gap below `offset`: -gap + offset > 0
-            sign = "-"
-            try:
-                offset = float(body[len(axis) + 1:])
-                ok = ok and abs(offset) < float("inf")
-            except ValueError:
-                offset, ok = 0.0, False
+        scale = _finite(times) if star else 1.0
+        axis, below, threshold = body.partition("<")
+        if below and axis in ("gap", "surface"):  # the gap below `offset`: -gap + offset > 0
+            sign, offset = -1.0, _finite(threshold)
         else:
-            sign, axis, offset = body[:1], body[1:], 0.0
-            ok = ok and sign in ("+", "-") and axis in RELATION_AXES[:3]
-        if not ok:
+            sign, axis = {"+": 1.0, "-": -1.0}.get(body[:1]), body[1:]
+            offset = 0.0 if axis in RELATION_AXES[:3] else None
+        if sign is None or offset is None or scale is None or scale <= 0:
             raise ValueError(f"config.loss.relations[{word!r}] = {spec!r}: use '+' or '-' then one of "
                              f"{RELATION_AXES[:3]} (e.g. '+size'), 'gap<metres' or 'surface<metres', "
                              f"optionally '*k' (k > 0), or 'off'")
         if not ids or not all(0 <= i < vocab_size for i in ids):
             raise ValueError(f"config.loss.relations: {word!r} encodes to {list(ids)}, not tokens of "
                              f"the decoder's vocabulary [0, {vocab_size})")
-        out.append((tuple(int(i) for i in ids), axis, (1.0 if sign == "+" else -1.0) * scale,
-                    offset * scale))
+        out.append((tuple(int(i) for i in ids), axis, sign * scale, offset * scale))
     return tuple(out)
+
+
+def _finite(text: str) -> float | None:
+    """`text` as a finite float, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _contains(ids: jax.Array, tokens: tuple[int, ...]) -> jax.Array:
