@@ -3,6 +3,8 @@
   # one run: the main job's stages with overrides, checkpoints every --every steps, each scored
   python -m benchmarks.study_learning run --base=W --name=grounding --steps=800 --every=100 \
       [--seed=0] [-- --config.loss.grounding=False ...]
+  # a longer run that shares the first 4,500 steps of run `short` (wsd: before its decay)
+  python -m benchmarks.study_learning run --base=W --name=long --steps=10000 --branch=short:4500 [-- ...]
   # the same run's checkpoints scored on a larger eval split, prepared in workdir W2
   python -m benchmarks.study_learning score --base=W --name=grounding --eval_base=W2 \
       [--at=800] [-- --config.data.num_eval_scenes=1000 ...]
@@ -72,6 +74,10 @@ def run(args, overrides) -> None:
     prepare(args, args.base, overrides)
     t_data = time.time() - t0
     records, tok = os.path.join(args.base, "records"), os.path.join(args.base, "tokenizer")
+    if args.branch:
+        config = study_config(args, overrides).copy_and_resolve_references()
+        config.train.steps = args.steps
+        branch(args.base, args.name, args.branch, config)
     train = [sys.executable, "run.py", f"--config=configs/student.py:{args.preset}", f"--workdir={out}",
              "--config.mode=train", f"--config.seed={args.seed}", f"--config.train.steps={args.steps}",
              f"--config.train.checkpoint_every={args.every}", "--config.train.keep_checkpoints=1000",
@@ -87,6 +93,9 @@ def run(args, overrides) -> None:
     scores = evaluate_checkpoints(args, out, overrides, records, tok)
     result = {"name": args.name, "seed": args.seed, "steps": args.steps, "overrides": overrides,
               "wall_s": {"data_and_dump": t_data, "train": t_train}, "curve": scores}
+    branched = os.path.join(out, "branched_from.json")
+    if os.path.exists(branched):  # its train wall covers the steps after the branch only
+        result["branched_from"] = json.load(open(branched))
     with open(os.path.join(args.base, "study", f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     last = scores[-1]
@@ -113,13 +122,91 @@ def score(args, overrides) -> None:
     print(f"wrote {path}")
 
 
+def study_config(args, overrides):
+    """The run's config as run.py parses it: the preset, the seed and `overrides`."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    argv = [sys.argv[0], f"--config=configs/student.py:{args.preset}", f"--config.seed={args.seed}", *overrides]
+    if "config" not in absl_flags.FLAGS:  # one definition per process; a run asks twice
+        # config_flags finds `--config.x` overrides in the argv it is given at definition.
+        config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}", sys_argv=argv)
+    absl_flags.FLAGS(argv)
+    return absl_flags.FLAGS.config
+
+
+# Fields the study sets on the train command line itself (the same for a branch and its source,
+# but the length and the checkpoint cadence, which a branch may change).
+RUN_FIELDS = ("mode", "teacher.records_dir", "tokenizer.path", "train.steps", "train.checkpoint_every",
+              "train.keep_checkpoints")
+
+
+def branch(base: str, name: str, spec: str, config) -> None:
+    """Starts run `name` at a step of another run of `base` (`spec` = "SOURCE:STEP"): its
+    checkpoint, metrics and events up to there are copied, and the trainer resumes from it.
+
+    A longer wsd run shares its first steps with a shorter one, up to where the shorter one's
+    decay starts; the trainer's resume restores state, RNG and input position exactly, so the
+    branch is the run `config` would train from scratch. That is checked, not assumed: refused
+    unless the source's stored config equals `config` but the length and checkpoint cadence, and
+    both give the same learning rate at every step up to STEP. Nothing happens when `name`
+    already has checkpoints (a rerun resumes its own). Writes `name/branched_from.json`."""
+    import shutil
+
+    import ml_collections
+    import numpy as np
+
+    from spatial_distill.train import checkpoint as ckpt_lib
+    from spatial_distill.train import step as step_lib
+
+    source, _, at = spec.rpartition(":")
+    if not source or not at.isdigit():
+        raise SystemExit(f"--branch={spec}: expected SOURCE:STEP, e.g. recipe_6000:4500")
+    out, step = os.path.join(base, "study", name), int(at)
+    if os.path.isdir(os.path.join(out, "checkpoints")) and checkpoint_steps(os.path.join(out, "checkpoints")):
+        return
+    src_dir = os.path.join(base, "study", source, "checkpoints")
+    saved = checkpoint_steps(src_dir) if os.path.isdir(src_dir) else []
+    if step not in saved:
+        raise SystemExit(f"--branch={spec}: {src_dir} has no step {step} (saved: {saved})")
+    stored = ckpt_lib.Checkpointer(src_dir, keep=1000, create=False).meta(step)["config"]
+    diffs = ckpt_lib.config_diffs(stored, ckpt_lib.config_dict(config), RUN_FIELDS)
+    if diffs:
+        listed = "; ".join(f"{k}: {source} {a!r}, this run {b!r}" for k, a, b in diffs[:6])
+        raise SystemExit(f"--branch={spec}: the runs differ in more than their length ({listed}); "
+                         "pass the source's --seed and overrides")
+    if int(config.train.steps) <= step:
+        raise SystemExit(f"--branch={spec}: --steps={config.train.steps} must be past step {step}")
+    steps = np.arange(step + 1)
+    ours = np.asarray(step_lib.learning_rate_schedule(config)(steps))
+    theirs = np.asarray(step_lib.learning_rate_schedule(ml_collections.ConfigDict(stored))(steps))
+    if not np.array_equal(ours, theirs):
+        k = int(np.argmax(ours != theirs))
+        raise SystemExit(f"--branch={spec}: the learning rate of a {config.train.steps}-step run differs "
+                         f"from {source}'s at step {k} ({ours[k]:.3g} vs {theirs[k]:.3g}): branch from "
+                         f"a step before {k} (a wsd run's decay start; a cosine run cannot branch)")
+    # Everything lands beside the checkpoints first: the step directory appears last, so a copy
+    # cut short is redone by the rerun, never resumed from.
+    staging = os.path.join(out, f".branching-{step}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(os.path.join(src_dir, str(step)), staging)
+    for extra in ("metrics.jsonl", "tb"):  # the trainer cuts both back to `step` on resume
+        there = os.path.join(base, "study", source, extra)
+        if os.path.isdir(there):
+            shutil.copytree(there, os.path.join(out, extra), dirs_exist_ok=True)
+        elif os.path.exists(there):
+            shutil.copyfile(there, os.path.join(out, extra))
+    with open(os.path.join(out, "branched_from.json"), "w") as f:
+        json.dump({"run": source, "step": step}, f)
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    os.rename(staging, os.path.join(out, "checkpoints", str(step)))
+
+
 def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: str | None = None) -> list[dict]:
     """Grounded accuracy of every checkpoint in `out` (the eval stage's scoring); predictions go
     to `predictions_dir` (default `out`)."""
     import jax
-    from absl import flags as absl_flags
     from flax import nnx
-    from ml_collections import config_flags
 
     from spatial_distill.eval import grounded
     from spatial_distill.models import student as st
@@ -127,11 +214,7 @@ def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: st
     from spatial_distill.train import checkpoint as ckpt_lib
     from spatial_distill.train import step as step_lib
 
-    argv = [sys.argv[0], f"--config=configs/student.py:{args.preset}", f"--config.seed={args.seed}", *overrides]
-    # config_flags finds `--config.x` overrides in the argv it is given at definition.
-    config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}", sys_argv=argv)
-    absl_flags.FLAGS(argv)
-    config = absl_flags.FLAGS.config
+    config = study_config(args, overrides)
     tokenizer = load_tokenizer(tok)
     cfg = st.config_from(config.model, config.data.image_size, tokenizer)
     graphdef, abstract_state = nnx.split(st.create(cfg, abstract=True))
@@ -352,6 +435,8 @@ def main() -> None:
                    help="plot: one goal line for every kind (default: the main job's per-kind goals)")
     p.add_argument("--ymin", type=float, default=0.4, help="plot: the accuracy axis starts here")
     p.add_argument("--eval_base", default=None, help="score: the workdir whose eval split scores the run")
+    p.add_argument("--branch", default=None, help="run: start at step STEP of run SOURCE of the same "
+                   "base, SOURCE:STEP (a longer wsd run, branched before the shorter one's decay)")
     p.add_argument("--at", default=None, help="run/score: only the checkpoints of these steps, "
                    "comma-separated (default: every saved one)")
     args = p.parse_args(argv)

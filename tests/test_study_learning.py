@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from benchmarks import study_learning
@@ -114,3 +116,58 @@ def test_plot_draws_each_runs_curves_the_prior_and_the_goal(tmp_path, monkeypatc
     fig = study_learning.plot([str(tmp_path)], str(tmp_path / "b.png"), only=["long"])
     assert [horizontal(ax)[-1] for ax in fig.axes] == [0.85, 0.85, 0.8, 0.8]
     assert fig.axes[0].get_ylim() == (0.4, 1.0)
+
+
+def test_branch_starts_a_longer_wsd_run_only_where_it_equals_one_from_scratch(tmp_path):
+    from configs import student as student_configs
+    from spatial_distill.train import checkpoint as ckpt_lib
+
+    def config(steps, **fields):
+        c = student_configs.get_config("tiny")  # wsd, 30 warmup steps, decay over the last 20 %
+        c.train.steps = steps
+        c.update_from_flattened_dict(fields)
+        return c
+
+    # The 6,000-step source decays from step 30 + 5,970 - 1,200 = 4,800 on.
+    src = tmp_path / "study" / "short"
+    ckpt = ckpt_lib.Checkpointer(str(src / "checkpoints"), keep=10, async_save=False)
+    stored = ckpt_lib.config_dict(config(6000, **{"train.checkpoint_every": 100, "mode": "train"}))
+    for step in (4500, 4800, 4801):
+        ckpt.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {"config": stored})
+    ckpt.close()
+    (src / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (4500, 6000)))
+
+    def branch(name, spec, c):
+        study_learning.branch(str(tmp_path), name, spec, c)
+        return tmp_path / "study" / name
+
+    with pytest.raises(SystemExit, match="differs from short's at step 4801 .*before 4801"):
+        branch("long", "short:4801", config(10000))
+    with pytest.raises(SystemExit, match=r"loss.grounding: short True, this run False"):
+        branch("long", "short:4800", config(10000, **{"loss.grounding": False}))
+    with pytest.raises(SystemExit, match=r"has no step 4000 \(saved: \[4500, 4800, 4801\]\)"):
+        branch("long", "short:4000", config(10000))
+    with pytest.raises(SystemExit, match="expected SOURCE:STEP"):
+        branch("long", "short", config(10000))
+    with pytest.raises(SystemExit, match="at step 31 "):  # cosine decays from the warmup's end
+        cos = ckpt_lib.config_dict(config(6000, **{"train.schedule": "cosine"}))
+        ckpt = ckpt_lib.Checkpointer(str(tmp_path / "study" / "cos" / "checkpoints"), keep=1, async_save=False)
+        ckpt.save(4800, {"params": {"w": np.zeros(3, np.float32)}}, {"config": cos})
+        ckpt.close()
+        branch("long", "cos:4800", config(10000, **{"train.schedule": "cosine"}))
+    assert not (tmp_path / "study" / "long" / "checkpoints").exists() or \
+        study_learning.checkpoint_steps(str(tmp_path / "study" / "long" / "checkpoints")) == []
+
+    out = branch("long", "short:4800", config(10000))
+    assert study_learning.checkpoint_steps(str(out / "checkpoints")) == [4800]
+    restored = ckpt_lib.Checkpointer(str(out / "checkpoints"), keep=10, create=False).restore_params(
+        4800, {"w": jax.ShapeDtypeStruct((3,), np.float32)})
+    np.testing.assert_array_equal(restored["w"], [4800, 4800, 4800])
+    assert json.loads((out / "branched_from.json").read_text()) == {"run": "short", "step": 4800}
+    assert (out / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
+    assert not any(p.name.startswith(".branching") for p in out.iterdir())
+    # A rerun finds the branch's own checkpoints and leaves them.
+    (out / "metrics.jsonl").write_text("mine\n")
+    branch("long", "short:4500", config(10000))
+    assert study_learning.checkpoint_steps(str(out / "checkpoints")) == [4800]
+    assert (out / "metrics.jsonl").read_text() == "mine\n"

@@ -80,16 +80,21 @@ def check_same_model(stored_config: Mapping, config: ml_collections.ConfigDict, 
             f"{where} was trained with train.vision_lr_scale={old_scale:g}, this run asks for "
             f"{new_scale:g}: a scale of 1 and any other keep different optimizer states. Nothing "
             "was deleted: resume with a scale on the same side of 1, or use another workdir")
-    old = _flatten(stored_config.get("model", {}))
-    new = _flatten(config_dict(config)["model"])
-    diffs = [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
-             if k not in NON_STRUCTURAL and _norm(old.get(k, "<absent>")) != _norm(new.get(k, "<absent>"))]
+    diffs = config_diffs(stored_config.get("model", {}), config_dict(config)["model"], NON_STRUCTURAL)
     if diffs:
         listed = "; ".join(f"model.{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in diffs[:8])
         raise CheckpointError(
             f"{where} holds a checkpoint of another model ({listed}"
             f"{'; ...' if len(diffs) > 8 else ''}). Nothing was deleted: use another workdir, or "
             f"the config that wrote it (preset {stored_config.get('preset')!r})")
+
+
+def config_diffs(stored: Mapping, current: Mapping, ignore=()) -> list[tuple[str, object, object]]:
+    """`(dotted key, stored value, current value)` of every leaf field of two config dicts that
+    differs (a field only one side has reads "<absent>"), but the keys in `ignore`."""
+    old, new = _flatten(stored), _flatten(current)
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+            if k not in ignore and _norm(old.get(k, "<absent>")) != _norm(new.get(k, "<absent>"))]
 
 
 def _norm(v):
