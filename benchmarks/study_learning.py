@@ -163,13 +163,18 @@ def branch(base: str, name: str, spec: str, config) -> None:
     if not source or not at.isdigit():
         raise SystemExit(f"--branch={spec}: expected SOURCE:STEP, e.g. recipe_6000:4500")
     out, step = os.path.join(base, "study", name), int(at)
-    if os.path.isdir(os.path.join(out, "checkpoints")) and checkpoint_steps(os.path.join(out, "checkpoints")):
+
+    def saved(ckpt_dir):
+        return checkpoint_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+
+    if saved(os.path.join(out, "checkpoints")):
         return
     src_dir = os.path.join(base, "study", source, "checkpoints")
-    saved = checkpoint_steps(src_dir) if os.path.isdir(src_dir) else []
-    if step not in saved:
-        raise SystemExit(f"--branch={spec}: {src_dir} has no step {step} (saved: {saved})")
-    stored = ckpt_lib.Checkpointer(src_dir, keep=1000, create=False).meta(step)["config"]
+    if step not in saved(src_dir):
+        raise SystemExit(f"--branch={spec}: {src_dir} has no step {step} (saved: {saved(src_dir)})")
+    reader = ckpt_lib.Checkpointer(src_dir, keep=1000, create=False)
+    stored = reader.meta(step)["config"]
+    reader.close()
     diffs = ckpt_lib.config_diffs(stored, ckpt_lib.config_dict(config), RUN_FIELDS)
     if diffs:
         listed = "; ".join(f"{k}: {source} {a!r}, this run {b!r}" for k, a, b in diffs[:6])

@@ -149,11 +149,11 @@ def test_branch_starts_a_longer_wsd_run_only_where_it_equals_one_from_scratch(tm
         branch("long", "short:4000", config(10000))
     with pytest.raises(SystemExit, match="expected SOURCE:STEP"):
         branch("long", "short", config(10000))
+    cos = ckpt_lib.config_dict(config(6000, **{"train.schedule": "cosine"}))
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "study" / "cos" / "checkpoints"), keep=1, async_save=False)
+    ckpt.save(4800, {"params": {"w": np.zeros(3, np.float32)}}, {"config": cos})
+    ckpt.close()
     with pytest.raises(SystemExit, match="at step 31 "):  # cosine decays from the warmup's end
-        cos = ckpt_lib.config_dict(config(6000, **{"train.schedule": "cosine"}))
-        ckpt = ckpt_lib.Checkpointer(str(tmp_path / "study" / "cos" / "checkpoints"), keep=1, async_save=False)
-        ckpt.save(4800, {"params": {"w": np.zeros(3, np.float32)}}, {"config": cos})
-        ckpt.close()
         branch("long", "cos:4800", config(10000, **{"train.schedule": "cosine"}))
     assert not (tmp_path / "study" / "long" / "checkpoints").exists() or \
         study_learning.checkpoint_steps(str(tmp_path / "study" / "long" / "checkpoints")) == []
