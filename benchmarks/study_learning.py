@@ -128,11 +128,15 @@ def study_config(args, overrides):
     from ml_collections import config_flags
 
     argv = [sys.argv[0], f"--config=configs/student.py:{args.preset}", f"--config.seed={args.seed}", *overrides]
-    if "config" not in absl_flags.FLAGS:  # one definition per process; a run asks twice
-        # config_flags finds `--config.x` overrides in the argv it is given at definition.
-        config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}", sys_argv=argv)
-    absl_flags.FLAGS(argv)
-    return absl_flags.FLAGS.config
+    # Its own flag registry per call: parsing defines a flag per `--config.x` override, so a
+    # second parse into one registry (a branched run asks before training and again to score)
+    # would define them twice.
+    flag_values = absl_flags.FlagValues()
+    # config_flags finds `--config.x` overrides in the argv it is given at definition.
+    config_flags.DEFINE_config_file("config", f"configs/student.py:{args.preset}",
+                                    flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
 
 
 # Fields the study sets on the train command line itself (the same for a branch and its source,

@@ -171,3 +171,16 @@ def test_branch_starts_a_longer_wsd_run_only_where_it_equals_one_from_scratch(tm
     branch("long", "short:4500", config(10000))
     assert study_learning.checkpoint_steps(str(out / "checkpoints")) == [4800]
     assert (out / "metrics.jsonl").read_text() == "mine\n"
+
+
+def test_study_config_parses_the_same_overrides_twice_in_one_process():
+    # A branched run parses its config before training and again to score its checkpoints.
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(preset="tiny", seed=3)
+    overrides = ["--config.data.image_size=168", "--config.loss.relations.near=surface<0.15"]
+    first = study_learning.study_config(args, overrides)
+    second = study_learning.study_config(args, overrides[:1])
+    assert (first.seed, first.data.image_size, first.loss.relations.near) == (3, 168, "surface<0.15")
+    assert (second.seed, second.data.image_size) == (3, 168)
+    assert second.loss.relations.near != "surface<0.15"  # the default, not the first call's
