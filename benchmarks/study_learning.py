@@ -414,9 +414,11 @@ def plot(bases: list[str], out: str, only: list[str] | None = None, goal: float 
         ax.set_ylim(ymin, 1.0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (solid: generated, dotted: teacher-forced)")
-    axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    # Below the panels, so that no curve hides behind it; the saved image grows to hold it.
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=3, fontsize=8, frameon=False)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"wrote {out}; text-only prior " + "; ".join(
         f"{b}: {json.dumps({k: round(v, 3) for k, v in p.items()})}" for b, p in priors.items()))
     return fig
