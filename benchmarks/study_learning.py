@@ -452,7 +452,6 @@ def main() -> None:
                    "comma-separated (default: every saved one)")
     args = p.parse_args(argv)
     if args.command in ("run", "score"):
-        sys.argv = sys.argv[:1]  # absl parses only what evaluate_checkpoints hands it
         if args.command == "score" and not args.eval_base:
             p.error("score needs --eval_base, the workdir whose eval split scores the run")
         (run if args.command == "run" else score)(args, overrides)
