@@ -2,11 +2,14 @@
 
   python -m benchmarks.bench_train                          # the tiny preset as configured
   python -m benchmarks.bench_train --depth_head --steps=10  # with the DPT depth head on
+  python -m benchmarks.bench_train --no_cache --scan_layers=true --prompt_len=16 --answer_len=8
+                                                            # the tiny step before 2026-12-05
 
 The step is the trainer's (`spatial_distill.train.step.train_step`, sharded over
 `config.mesh.shape`, state donated), on a synthetic batch with the input pipeline's shapes:
 `batch_size` samples, every question slot real (prompts and answers at their length limits), so
-the decoder's padded work equals the real work. MFU uses the trainer's analytic FLOPs (6·N·tokens
+the decoder's padded work equals the real work. With a frozen vision side the step reads what
+`step.frozen_outputs` computed once, outside it, as the trainer's vision cache hands it. MFU uses the trainer's analytic FLOPs (6·N·tokens
 for the decoder, the LM head on answer slots, 6·N·tokens for the VGGT aggregator; heads and
 attention scores not counted) and, as a cross-check, XLA's own FLOP count of the compiled step.
 Peak FLOP/s: the datasheet table in `spatial_distill.train.metrics`, or on CPU the measured
@@ -32,6 +35,7 @@ from spatial_distill.models import student as student_lib
 from spatial_distill.models import word_tags
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
+from spatial_distill.train import vision_cache
 
 # Object ids each question refers to (subject, reference): input_pipeline.MAX_REFERRED, which
 # is not imported because that module pulls in TensorFlow, which this benchmark does not need.
@@ -89,6 +93,11 @@ def run(config, steps: int) -> dict:
     state = student_lib.init_program(init, out_shardings=state_sh)()
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     batch = jax.device_put(synthetic_batch(config), batch_sh)
+    cached = vision_cache.caches_vision(config)
+    if cached:  # as the trainer runs it: the frozen part once per sample, outside the step
+        frozen = jax.jit(lambda p, b: step_lib.frozen_outputs(
+            step_lib.student_from(graphdef, abstract_state, p), b, spec))
+        batch = {**batch, **frozen(state.params["student"], {k: batch[k] for k in step_lib.FROZEN_INPUTS})}
 
     fn = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, abstract_state=abstract_state,
                                    tx=tx, schedule=schedule, spec=spec,
@@ -112,12 +121,14 @@ def run(config, steps: int) -> dict:
 
     breakdown = student_lib.parameter_breakdown(abstract_model)
     flops = metrics_lib.config_train_flops(config, cfg, breakdown, config.data.num_views)
+    if cached:  # the step does not run the vision side (trainer.step_flops)
+        flops = {**flops, "vision": 0.0, "total": flops["decoder"]}
     peak, how = metrics_lib.peak_flops(list(mesh.devices.flat))
     return {"tasks": spec.tasks, "params_m": sum(breakdown.values()) / 1e6, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": flops["decoder_tokens"] / step_s,
             "model_flops": flops["total"], "xla_flops": xla_flops, "mfu": flops["total"] / step_s / peak,
             "mfu_xla": xla_flops / step_s / peak, "peak": peak, "peak_how": how,
-            "loss": float(m["learning/loss"])}
+            "loss": float(m["learning/loss"]), "cached": cached}
 
 
 def main(argv=None):
@@ -126,15 +137,31 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch_size", type=int, default=None)
     ap.add_argument("--depth_head", action="store_true", help="enable the DPT depth head")
+    ap.add_argument("--no_cache", action="store_true",
+                    help="run the frozen vision side in every step (train.cache_vision = False)")
+    ap.add_argument("--scan_layers", choices=("true", "false"), default=None,
+                    help="override model.decoder.scan_layers")
+    ap.add_argument("--prompt_len", type=int, default=None, help="override input.max_prompt_len")
+    ap.add_argument("--answer_len", type=int, default=None, help="override input.max_answer_len")
     args = ap.parse_args(argv)
     config = student_configs.get_config(args.preset)
     if args.batch_size:
         config.train.batch_size = args.batch_size
     if args.depth_head:
         config.model.depth_head.enabled = True
+    if args.no_cache:
+        config.train.cache_vision = False
+    if args.scan_layers:
+        config.model.decoder.scan_layers = args.scan_layers == "true"
+    if args.prompt_len:
+        config.input.max_prompt_len = args.prompt_len
+    if args.answer_len:
+        config.input.max_answer_len = args.answer_len
     r = run(config, args.steps)
     print(f"{args.preset}: batch {config.train.batch_size} x {config.data.num_views} views x "
-          f"{config.input.max_questions} questions, {r['params_m']:.2f}M params, tasks {r['tasks']}, "
+          f"{config.input.max_questions} questions of {config.input.max_prompt_len} + "
+          f"{config.input.max_answer_len} tokens, decoder {'scanned' if config.model.decoder.scan_layers else 'unrolled'}, "
+          f"vision side {'cached' if r['cached'] else 'in the step'}, {r['params_m']:.2f}M params, tasks {r['tasks']}, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"  peak {r['peak'] / 1e9:.1f} GFLOP/s ({r['peak_how']})")
     print(f"  compile {r['compile_s']:.1f} s, step {r['step_s'] * 1e3:.0f} ms, "

@@ -41,7 +41,7 @@ import ml_collections
 from configs import common
 from spatial_distill import sharding
 from spatial_distill import tokenizer as tokenizer_lib
-from spatial_distill.train import trainer
+from spatial_distill.train import trainer, vision_cache
 
 log = logging.getLogger(__name__)
 SUBDIR = "aot"
@@ -137,7 +137,7 @@ def build(config, devices, tokenizer):
     meta = types.SimpleNamespace(num_views=config.data.num_views, k=config.teacher.k,
                                  image_size=(config.data.image_size, config.data.image_size))
     prog = trainer.programs(config, mesh, sharding.DEFAULT_RULES, meta, tokenizer,
-                            cache_vision=trainer.caches_vision(config))
+                            cache_vision=vision_cache.caches_vision(config))
     return prog, mesh
 
 

@@ -228,6 +228,23 @@ def test_scan_and_loop_agree(small):
     np.testing.assert_allclose(a, b, atol=16 * np.finfo(np.float32).eps * np.abs(a).max(), rtol=0)
 
 
+def test_a_seed_initialises_the_same_decoder_scanned_or_unrolled():
+    def weights(scan):
+        config = llama.LlamaConfig.from_hf(TINY, scan_layers=scan)
+        model = nnx.jit(lambda: llama.Llama(config, rngs=nnx.Rngs(params=7)))()
+        return model, llama.to_hf_state_dict(model)
+
+    (scanned, a), (looped, b) = weights(True), weights(False)
+    assert a.keys() == b.keys() and len(looped.layers) == TINY["num_hidden_layers"]
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not np.array_equal(a["model.layers.0.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    # Each unrolled layer keeps its own parameters' logical axes (no stacked "layers" axis).
+    names = nnx.get_partition_spec(nnx.state(looped.layers[0]))
+    assert tuple(names["q"].value) == ("embed", "heads", "head_dim")
+    assert tuple(nnx.get_partition_spec(nnx.state(scanned.layers))["q"].value) == ("layers", "embed", "heads", "head_dim")
+
+
 def _remat_policies_in(jaxpr, found):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("remat2", "checkpoint"):

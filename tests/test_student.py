@@ -365,17 +365,21 @@ def test_cached_vision_inputs_give_the_same_outputs():
 
     calls = []
 
-    def fn(params, imgs):
-        calls.append(len(imgs))
-        return jnp.asarray(imgs).sum(axis=(1, 2, 3))[:, None, :]  # [B, 1, 3] stands for the vision side
+    def fn(params, inputs):  # stands for the vision side and the grounding targets
+        calls.append(len(inputs["rgb"]))
+        rgb = jnp.asarray(inputs["rgb"])
+        return {"vision_inputs": rgb.sum(axis=(1, 2, 3))[:, None, :], "seen": rgb.max((1, 2, 3, 4)) > 128}
 
     cache = VisionCache(fn, lambda v: v)
     imgs = np.random.default_rng(0).integers(0, 255, (2, 1, 2, 2, 3)).astype(np.uint8)
-    first = cache.lookup([b"a", b"b"], imgs, None)
-    again = cache.lookup([b"b", b"a"], imgs[::-1], None)  # both cached: no call
-    np.testing.assert_array_equal(again, first[::-1])
-    cache.lookup([b"a", b"c"], imgs, None)  # one new sample: one call for the batch
-    assert calls == [2, 2] and cache.computed == 3 and cache.nbytes == 3 * 3 * 4  # uint32 sums
+    first = cache.lookup([b"a", b"b"], {"rgb": imgs}, None)
+    assert first["vision_inputs"].shape == (2, 1, 3) and first["seen"].shape == (2,)
+    again = cache.lookup([b"b", b"a"], {"rgb": imgs[::-1]}, None)  # both cached: no call
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key][::-1])
+    cache.lookup([b"a", b"c"], {"rgb": imgs}, None)  # one new sample: one call for the batch
+    assert calls == [2, 2] and cache.computed == 3
+    assert cache.nbytes == 3 * (3 * 4 + 1)  # uint32 sums and a bool per sample
 
 
 def test_object_pooling_keeps_the_most_object_like_patches_in_order():

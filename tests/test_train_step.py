@@ -395,3 +395,32 @@ def test_relation_readout_enters_the_ground_task_times_its_weight():
     weighted, mse, n = ground(dataclasses.replace(base, relations=(((word,), "x", 1.0, 0.0),), relation_weight=3.0))
     assert n >= 1 and mse > 0
     np.testing.assert_allclose(weighted, plain + 3.0 * mse, rtol=1e-5)
+
+
+def test_cached_frozen_outputs_give_the_in_step_losses():
+    # The trainer's vision cache hands the step `frozen_outputs`; with them in the batch the step
+    # must compute what it computes from the images and boxes, task for task.
+    config = tiny_config()
+    cfg = student_lib.config_from(config.model, 56, word_tags.StandInIds())
+    graphdef, state = nnx.split(student_lib.Student(cfg, rngs=nnx.Rngs(0)))
+    batch = make_batch(1, cfg.decoder.vocab_size)
+    spec = step_lib.loss_spec(config)
+    assert spec.tasks == ("ground", "text") and nnx.merge(graphdef, state).vision_frozen
+
+    def losses(s, b):
+        return step_lib.task_losses(nnx.merge(graphdef, s), b, spec)
+
+    frozen = compile_fast(lambda s, b: step_lib.frozen_outputs(nnx.merge(graphdef, s), b, spec),
+                          state, batch)(state, batch)
+    assert frozen["target_colours"].shape == (B, N, 3) and frozen["target_seen"].shape == (B, N)
+    assert frozen["target_seen"].any() and not frozen["target_seen"][1, 1:].any()  # padded boxes unseen
+    direct, m_direct = compile_fast(losses, state, batch)(state, batch)
+    cached_batch = {**batch, **frozen}
+    cached, m_cached = compile_fast(losses, state, cached_batch)(state, cached_batch)
+    for task in ("text", "ground"):
+        np.testing.assert_allclose(float(cached[task]), float(direct[task]), rtol=1e-5, err_msg=task)
+    np.testing.assert_allclose(float(m_cached["ground/colour_l1"]), float(m_direct["ground/colour_l1"]), rtol=1e-5)
+
+    objects = dataclasses.replace(spec, tasks=("ground", "objects", "text"))
+    with pytest.raises(ValueError, match="cached grounding targets but the object head trains"):
+        jax.eval_shape(lambda s, b: step_lib.task_losses(nnx.merge(graphdef, s), b, objects), state, cached_batch)

@@ -282,6 +282,13 @@ class Block(nnx.Module):
         return constrain(x, _BLD), kv
 
 
+def _block_with(c: LlamaConfig, values: dict) -> Block:
+    """A Block holding `values` (its pure-dict state), without drawing its own initialisation."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(c, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
+
+
 class Llama(nnx.Module):
     """Token embedding, `num_layers` Blocks, final RMSNorm, LM head (tied or not)."""
 
@@ -289,15 +296,18 @@ class Llama(nnx.Module):
         self.config = c = config
         pd = c.param_dtype
         self.embedding = _param(rngs, ("vocab", "embed"), (c.vocab_size, c.hidden_size), pd)
-        if c.scan_layers:
-            @nnx.split_rngs(splits=c.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make(r):
-                return Block(c, rngs=r)
 
+        @nnx.split_rngs(splits=c.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(r):
+            return Block(c, rngs=r)
+
+        if c.scan_layers:
             self.layers = make(rngs)
-        else:
-            self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        else:  # the scanned layout's draws, one Block per layer: a seed gives the same decoder either way
+            stacked = nnx.state(make(rngs)).to_pure_dict()
+            self.layers = nnx.List([_block_with(c, jax.tree.map(lambda x, i=i: x[i], stacked))
+                                    for i in range(c.num_layers)])
         self.final_norm = _param(rngs, ("norm",), (c.hidden_size,), pd, nnx.initializers.ones)
         self.lm_head = (None if c.tie_word_embeddings else
                         _param(rngs, ("embed", "vocab"), (c.hidden_size, c.vocab_size), pd))

@@ -35,7 +35,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spatial_distill import sharding
-from spatial_distill.geometry import boxes_in_camera0_frame
+from spatial_distill.geometry import box_attributes, boxes_in_camera0_frame
 from spatial_distill.losses import weighting
 from spatial_distill.losses.depth import depth_loss
 from spatial_distill.losses.detection import detection_loss
@@ -153,6 +153,29 @@ def loss_spec(config: ml_collections.ConfigDict, tokenizer=None) -> LossSpec:
 # The loss over a batch.
 
 
+# What `frozen_outputs` reads of the pipeline's batch.
+FROZEN_INPUTS = ("rgb", "depth", "intrinsics", "cam_to_world", "boxes", "box_mask")
+
+
+def frozen_outputs(model, batch: Mapping[str, jax.Array], spec: LossSpec) -> dict[str, jax.Array]:
+    """The part of the step that is a fixed function of a sample while the vision side and the
+    object head are frozen, for the trainer to compute once per sample (`train/vision_cache.py`):
+    `vision_inputs [B, Nv, C']` and, with the grounding loss, its pixel-level targets
+    `target_colours [B, N, 3]` and `target_seen [B, N]` (`losses/objects.object_targets`).
+    `task_losses` reads them from the batch in place of computing them."""
+    out = {"vision_inputs": model.see(batch["rgb"].astype(jnp.float32) / 255.0,
+                                      project=False)["vision_inputs"]}
+    if "ground" in spec.tasks:
+        t = _object_targets(model, batch, spec)
+        out.update(target_colours=t["colours"], target_seen=t["seen"])
+    return out
+
+
+def _object_targets(model, batch, spec: LossSpec) -> dict:
+    return object_targets(batch, patch=model.cfg.aggregator.patch_size, stride=spec.object_stride,
+                          margin=spec.object_margin, min_fraction=spec.object_min_fraction)
+
+
 def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
     """Per-task losses (scalars) and their diagnostic metrics for one (micro-)batch.
 
@@ -173,9 +196,14 @@ def task_losses(model, batch: Mapping[str, jax.Array], spec: LossSpec):
         metrics.update(m, **{"aux/text": losses["text"]})
     patch = model.cfg.aggregator.patch_size
     targets = None
-    if spec.needs_object_targets:
-        targets = object_targets(batch, patch=patch, stride=spec.object_stride,
-                                 margin=spec.object_margin, min_fraction=spec.object_min_fraction)
+    if "target_colours" in batch:  # cached by the trainer (`frozen_outputs`)
+        if "objects" in spec.tasks:
+            raise ValueError("the batch holds cached grounding targets but the object head trains: "
+                             "its per-patch targets are not cached (turn train.cache_vision off)")
+        targets = {"colours": batch["target_colours"], "seen": batch["target_seen"],
+                   "attributes": box_attributes(batch["boxes"].astype(jnp.float32), batch["cam_to_world"])}
+    elif spec.needs_object_targets:
+        targets = _object_targets(model, batch, spec)
     if "ground" in spec.tasks:
         losses["ground"], m = grounding_loss(
             out["grounding"], batch["referred"], batch["question_mask"], targets["attributes"],

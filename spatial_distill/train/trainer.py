@@ -213,15 +213,16 @@ def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
     batch_spec = batch_shapes(config, meta, batch_sharding)
     train_spec, vision_fn = batch_spec, None
     if cache_vision:
-        def frozen_vision(params, images):
+        def frozen(params, inputs):
             model = step_lib.student_from(graphdef, abstract_model_state, params)
-            return model.see(images.astype(jnp.float32) / 255.0, project=False)["vision_inputs"]
+            return step_lib.frozen_outputs(model, inputs, spec)
 
-        vision_fn = jax.jit(frozen_vision, in_shardings=(state_sh.params["student"], batch_sharding),
+        vision_fn = jax.jit(frozen, in_shardings=(state_sh.params["student"], batch_sharding),
                             out_shardings=batch_sharding)
-        shape = jax.eval_shape(frozen_vision, abstract_state.params["student"], batch_spec["rgb"])
-        train_spec = {**batch_spec, "vision_inputs": jax.ShapeDtypeStruct(
-            shape.shape, shape.dtype, sharding=batch_sharding)}
+        shapes = jax.eval_shape(frozen, abstract_state.params["student"],
+                                {k: batch_spec[k] for k in step_lib.FROZEN_INPUTS})
+        train_spec = {**batch_spec, **{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                                       for k, v in shapes.items()}}
     # Each step traces once: the batch shapes are static (configured), so a second trace means
     # a shape or dtype changed between steps, which would silently recompile every few steps.
     # chex counts traces per definition site, process-wide: a fresh Programs starts its count.
@@ -298,7 +299,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
                   max_answer_len=config.input.max_answer_len, max_boxes=config.input.max_boxes)
     spec = step_lib.loss_spec(config, tokenizer)
     limits["require_referred"] = "ground" in spec.tasks
-    cache_vision = caches_vision(config)
+    cache_vision = vision_cache.caches_vision(config)
     train_data = InputPipeline(data_dir, "train", batch_size=config.train.batch_size,
                                seed=config.seed, image_size=size,
                                shuffle_buffer=config.input.shuffle_buffer,
@@ -318,9 +319,9 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
              sum(prog.breakdown.values()) / 1e6, spec.tasks, spec.weighting)
     cache = None
     if cache_vision:
-        cache = vision_cache.VisionCache(prog.vision_fn, lambda x: to_global({"rgb": x}, mesh)["rgb"])
-        log.info("frozen vision side cached per training sample: %s per sample",
-                 train_spec["vision_inputs"].shape[1:])
+        cache = vision_cache.VisionCache(prog.vision_fn, lambda x: to_global(x, mesh))
+        log.info("frozen vision side cached per training sample: %s",
+                 {k: v.shape[1:] for k, v in train_spec.items() if k not in batch_spec})
     t0 = time.perf_counter()
     with sharding.axis_rules(mesh, rules):  # constrain() calls see the mesh while tracing
         train_step = train_fn.lower(abstract_state, train_spec).compile()
@@ -432,8 +433,8 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
         batch = next(train_data)
         _check_labels(batch, model_cfg)
         if cache is not None:
-            batch["vision_inputs"] = cache.lookup(batch.pop("sample_id"), batch["rgb"],
-                                                  state.params["student"])
+            batch.update(cache.lookup(batch.pop("sample_id"), {k: batch[k] for k in step_lib.FROZEN_INPUTS},
+                                      state.params["student"]))
         batch = to_global(batch, mesh)
         with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug here
             state, m = train_step(state, batch)
@@ -466,16 +467,6 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
 # Held-out metrics the stage prints when it ends (the rest are in metrics.jsonl / TensorBoard).
 SUMMARY_METRICS = ("learning/loss", "distill/token_accuracy", "ground/centre_err_m", "ground/class_acc",
                    "objects/centre_err_m", "objects/class_acc", "camera/translation_l1")
-
-
-def caches_vision(config: ml_collections.ConfigDict) -> bool:
-    """Whether this run computes the frozen vision side once per sample (`vision_cache.py`):
-    `train.cache_vision`, the aggregator and object/camera heads frozen, no head that reads the
-    aggregator every step (depth, detection), one process."""
-    m = config.model
-    heads_frozen = m.object_head.frozen or not m.object_head.enabled
-    return (bool(config.train.cache_vision) and m.vision.frozen and heads_frozen
-            and not m.depth_head.enabled and not m.det_head.enabled and jax.process_count() == 1)
 
 
 def _check_labels(batch, model_cfg) -> None:
