@@ -299,6 +299,9 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     w.retrieve = True
     w.retrieve_temperature = 0.05
     w.retrieve_threshold = 0.35
+    # x the object fields' centre, log size and yaw where the projector and the word values read
+    # them (Student._linear_inputs): at 1 the patch features swamp the centre's x.
+    m.geometry_gain = 1.0
     m.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
     m.latent_position = "before_question"  # before_question [V][T][Q][A] | after_question [V][Q][T][A]
 

@@ -382,6 +382,21 @@ def test_cached_vision_inputs_give_the_same_outputs():
     assert cache.nbytes == 3 * (3 * 4 + 1)  # uint32 sums and a bool per sample
 
 
+def test_geometry_gain_scales_only_the_fields_geometry_where_the_projector_reads_it():
+    plain, gained = st.create(object_cfg(), 0), st.create(object_cfg(geometry_gain=3.0), 0)
+    seen = plain.see(jnp.asarray(batch()[0]), project=False)
+    pooled = np.asarray(seen["vision_inputs"])
+    # Patch features, objectness, class probabilities, colour logits, then the geometry.
+    start = 2 * plain.cfg.aggregator.embed_dim + 1 + plain.cfg.object_head.num_classes + 3
+    assert pooled.shape[-1] - start == 3 + 3 + 2  # centre, log size, (cos 2ψ, sin 2ψ)
+    scaled = pooled.copy()
+    scaled[..., start:] *= 3.0
+    np.testing.assert_allclose(np.asarray(gained.project(jnp.asarray(pooled))),
+                               np.asarray(plain.project(jnp.asarray(scaled))), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(gained.project(jnp.asarray(pooled))),
+                           np.asarray(plain.project(jnp.asarray(pooled))), atol=1e-3)
+
+
 def test_object_pooling_keeps_the_most_object_like_patches_in_order():
     model = st.create(object_cfg(vision_pool="objects5"), 0)
     images = jnp.asarray(batch()[0])

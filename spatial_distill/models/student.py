@@ -82,6 +82,9 @@ class StudentConfig:
     # Question words retrieve the object tokens whose predicted class and colour they name
     # (`word_tags.py`, `ground_words`); None: off. Needs the object head.
     word_tags: word_tags_lib.WordTagConfig | None = None
+    # x the object fields' geometry (centre, log size, yaw) where the projector and the word
+    # values read the pooled tokens (`_linear_inputs`); 1: as the fields are.
+    geometry_gain: float = 1.0
     num_latents: int = 8  # Hidden-CoT K; 0 disables
     latent_position: str = "before_question"
     freeze_vision: bool = False  # stop gradients at the aggregator output
@@ -328,11 +331,22 @@ class Student(nnx.Module):
         return fn(f["objectness"], f["class_probs"], f["colour"], self.decoder.embedding[...],
                   self.cfg.word_tags)
 
+    def _linear_inputs(self, pooled: jax.Array) -> jax.Array:
+        """Pooled tokens as the projector and word values read them: the object fields' geometry
+        times `geometry_gain`. The 2C patch features (RMS ~1.5 each for the tiny VGGT) swamp the
+        centre's x (std ~0.5 m), and Adam moves every input's weights at the same rate, so a small
+        input is slow to be used: left/right, read from x alone, is learned last (docs/learning.md)."""
+        pooled = pooled.astype(jnp.float32)
+        if self.cfg.object_head is None or self.cfg.geometry_gain == 1.0:
+            return pooled
+        start = 2 * self.cfg.aggregator.embed_dim + 4 + self.cfg.object_head.num_classes  # the centre
+        return pooled.at[..., start:].multiply(self.cfg.geometry_gain)
+
     def project(self, pooled: jax.Array) -> jax.Array:
         """Pooled tokens `[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's dtype
         (with `word_tags`, plus `gain` x the embeddings of the words naming what each token sees)."""
         pooled = pooled.astype(jnp.float32)
-        x = self.proj_out(jax.nn.gelu(self.proj_in(pooled), approximate=False))
+        x = self.proj_out(jax.nn.gelu(self.proj_in(self._linear_inputs(pooled)), approximate=False))
         if self.cfg.word_tags is not None and self.cfg.word_tags.gain:
             x = x + self._object_words(pooled, word_tags_lib.tags)
         return constrain(x.astype(self.cfg.decoder.dtype), _BLD)
@@ -343,7 +357,7 @@ class Student(nnx.Module):
         if self.word_values is None:
             return None
         return (self._object_words(pooled, word_tags_lib.keys),
-                self.word_values(pooled.astype(jnp.float32)))
+                self.word_values(self._linear_inputs(pooled)))
 
     def ground_words(self, emb: jax.Array, memory, questions: int) -> jax.Array:
         """Question embeddings `[B*Q, L, D]` plus, for each word, what it names in the scene.
@@ -651,7 +665,7 @@ def config_from(model: ml_collections.ConfigDict, image_size: int, tokenizer=Non
                          slot_colour_scale=float(model.slots.colour_scale),
                          slot_min_objectness=float(model.slots.min_objectness),
                          num_latents=model.num_latents, latent_position=model.latent_position,
-                         freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
+                         geometry_gain=float(model.geometry_gain), freeze_vision=v.frozen, freeze_objects=bool(model.object_head.frozen),
                          camera_trains_trunk=bool(model.object_head.camera_trains_trunk),
                          vision_dtype=v.dtype, remat_vision=v.remat, attention=model.attention,
                          depth_frames_chunk=model.depth_head.frames_chunk or None)
