@@ -25,7 +25,7 @@ TINY_VISION_CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / "spat
 
 PRESETS = {
     "tiny": dict(
-        # 2,000 steps: the relations are learned by ~1,000-1,800 (docs/learning.md); ~10-11 min on 2 cores.
+        # 2,000 steps: the relations are learned by ~1,000-1,800 (docs/learning.md); 0.35-0.45 s/step on 2 cores.
         image_size=112, train=1000, eval=200, batch=8, steps=2000, vocab=384,
         vision=dict(embed_dim=64, depth=4, num_heads=4, vit_depth=2, vit_heads=4,
                     checkpoint=TINY_VISION_CHECKPOINT, frozen=True),
@@ -34,7 +34,7 @@ PRESETS = {
         det=dict(queries=16, dim=64, layers=2, heads=4, classes=3),
         objects=dict(enabled=True, classes=3, hidden=128, camera_trunk=2, frozen=True,
                      camera_trains_trunk=False, register=True),
-        pool="objects64", latents=8, depth_head=False, det_head=False,
+        pool="objects64", latents=8, depth_head=False, det_head=False, geometry_gain=3.0,
         vision_stage=dict(steps=5000, batch=8, lr=2e-3, warmup=100)),
     "small": dict(
         image_size=224, train=4000, eval=500, batch=32, steps=20000, vocab=32000,
@@ -43,7 +43,7 @@ PRESETS = {
         depth=dict(features=128, out_channels=(96, 192, 384, 384), layers=(2, 5, 8, 11)),
         det=dict(queries=32, dim=256, layers=3, heads=8, classes=18),
         objects=dict(enabled=True, classes=18, hidden=256, camera_trunk=4, frozen=False),
-        pool="grid8", latents=8, depth_head=True, det_head=True,
+        pool="grid8", latents=8, depth_head=True, det_head=True, geometry_gain=1.0,
         vision_stage=dict(steps=20000, batch=32, lr=1e-3, warmup=1000)),
     # VGGT-1B aggregator, depth and camera heads, a 24-layer 2048-wide SwiGLU decoder: ~2.29B.
     "paper": dict(
@@ -56,7 +56,7 @@ PRESETS = {
         # The object head needs VGGT-1B's camera head (216M), beyond the paper's 2.29B budget:
         # off here, `--config.model.object_head.enabled=True` adds both.
         objects=dict(enabled=False, classes=18, hidden=512, camera_trunk=4, frozen=False),
-        pool="grid2", latents=8, depth_head=True, det_head=True,
+        pool="grid2", latents=8, depth_head=True, det_head=True, geometry_gain=1.0,
         vision_stage=dict(steps=20000, batch=64, lr=1e-4, warmup=1000)),
 }
 
@@ -300,8 +300,10 @@ def model_config(p: dict) -> ml_collections.ConfigDict:
     w.retrieve_temperature = 0.05
     w.retrieve_threshold = 0.35
     # x the object fields' centre, log size and yaw where the projector and the word values read
-    # them (Student._linear_inputs): at 1 the patch features swamp the centre's x.
-    m.geometry_gain = 1.0
+    # them (Student._linear_inputs): at 1 the patch features swamp the centre's x, and left/right
+    # are learned in some runs only (docs/learning.md, "Left/right"). Tiny: 3. The presets whose
+    # fields come from another VGGT have not been measured: 1.
+    m.geometry_gain = p["geometry_gain"]
     m.num_latents = p["latents"]  # Hidden-CoT latent tokens K (0 disables)
     m.latent_position = "before_question"  # before_question [V][T][Q][A] | after_question [V][Q][T][A]
 
