@@ -117,10 +117,11 @@ def test_state_shardings_follow_the_parameters_with_frozen_vision(abstract_stude
     abstract = jax.eval_shape(lambda k: step_lib.init_state(k, tx, spec, build), jax.random.PRNGKey(0))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     sh = step_lib.state_shardings(abstract, abstract_model_state, mesh, step_lib.sharding.DEFAULT_RULES)
-    q = sh.params["student"]["decoder"]["layers"]["q"].spec
-    assert q == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # layers, embed, heads, hd
+    assert not cfg.decoder.scan_layers  # the tiny preset unrolls: one entry per layer
+    q = sh.params["student"]["decoder"]["layers"][0]["q"].spec
+    assert q == jax.sharding.PartitionSpec("fsdp", "tensor", None)  # embed, heads, head_dim
     adam = sh.opt_state.inner_states["train"].inner_state[1][0]
-    assert adam.mu["student"]["decoder"]["layers"]["q"].spec == q
+    assert adam.mu["student"]["decoder"]["layers"][0]["q"].spec == q
     assert adam.nu["student"]["det_head"]["queries"].spec == sh.params["student"]["det_head"]["queries"].spec
     assert adam.count.spec == jax.sharding.PartitionSpec()
     assert not jax.tree.leaves(adam.mu["student"]["aggregator"])  # frozen: no moments at all
@@ -362,7 +363,8 @@ def test_decoder_weights_from_a_hugging_face_llama(tmp_path):
     nnx.update(decoder, state)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     ours = np.asarray(decoder(ids))
-    np.testing.assert_array_equal(ours, np.asarray(llama.from_hf(str(tmp_path / "llama"))(ids)))
+    ported = llama.from_hf(str(tmp_path / "llama"), scan_layers=cfg.scan_layers)  # the same layout
+    np.testing.assert_array_equal(ours, np.asarray(ported(ids)))
     with torch.no_grad():
         want = hf(torch.from_numpy(np.asarray(ids, np.int64))).logits.numpy()
     np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max())
