@@ -102,7 +102,7 @@ def child(spec: dict) -> None:
     original = trainer.to_global
 
     def to_global(batch, mesh):  # one call per train step: the place to interrupt or corrupt one
-        if set(batch) == {"rgb"}:  # the frozen-vision cache's images, not a step's batch
+        if "prompt_ids" not in batch:  # the frozen-vision cache's inputs, not a step's batch
             return original(batch, mesh)
         calls["n"] += 1
         if calls["n"] == spec.get("kill_at"):
