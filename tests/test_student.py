@@ -383,7 +383,9 @@ def test_cached_vision_inputs_give_the_same_outputs():
 
 
 def test_geometry_gain_scales_only_the_fields_geometry_where_the_projector_reads_it():
-    plain, gained = st.create(object_cfg(), 0), st.create(object_cfg(geometry_gain=3.0), 0)
+    # The tiny preset's own gain is 3: the plain student sets 1 explicitly.
+    plain = st.create(object_cfg(geometry_gain=1.0), 0)
+    gained = st.create(object_cfg(geometry_gain=3.0), 0)
     seen = plain.see(jnp.asarray(batch()[0]), project=False)
     pooled = np.asarray(seen["vision_inputs"])
     # Patch features, objectness, class probabilities, colour logits, then the geometry.

@@ -207,10 +207,19 @@ class TorchStudent(nn.Module):
         return fn(f["objectness"], f["class_probs"], f["colour"],
                   self.decoder.get_input_embeddings().weight, self.cfg.word_tags)
 
+    def _linear_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled tokens as the projector and word values read them (`Student._linear_inputs`):
+        the object fields' geometry, from the centre on, times `geometry_gain`."""
+        pooled = pooled.float()
+        if self.cfg.object_head is None or self.cfg.geometry_gain == 1.0:
+            return pooled
+        start = 2 * self.cfg.aggregator.embed_dim + 4 + self.cfg.object_head.num_classes
+        return torch.cat([pooled[..., :start], pooled[..., start:] * self.cfg.geometry_gain], dim=-1)
+
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """`[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's parameter dtype."""
         pooled = pooled.float()
-        x = self.proj_out(F.gelu(self.proj_in(pooled)))
+        x = self.proj_out(F.gelu(self.proj_in(self._linear_inputs(pooled))))
         if self.cfg.word_tags is not None and self.cfg.word_tags.gain:
             x = x + self._object_words(pooled, torch_heads.tags)
         return x.to(self.decoder.dtype)
@@ -219,7 +228,7 @@ class TorchStudent(nn.Module):
         if self.word_values is None:
             return None
         return (self._object_words(pooled, torch_heads.keys),
-                self.word_values(pooled.float()))
+                self.word_values(self._linear_inputs(pooled)))
 
     def ground_words(self, emb: torch.Tensor, memory, questions: int) -> torch.Tensor:
         """Question embeddings `[B*Q, L, D]` plus what each word names in the scene
