@@ -252,11 +252,12 @@ def test_generation_equals_argmax_loop_on_compact_sequence():
 def test_latent_diagnostic():
     model = st.create(tiny_cfg(num_latents=3), 0)
     images, prompt, pm, _, _ = batch()
-    d = model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)
+    nearest = nnx.jit(lambda m, *args: m.latent_nearest_tokens(*args))
+    d = nearest(model, jnp.asarray(images), prompt, pm)
     assert d["lm_head_argmax"].shape == (B, Q, 3) and d["embedding_nearest"].shape == (3,)
     # Setting a latent to a token's embedding makes that token its nearest neighbour.
     model.latents[...] = model.latents[...].at[1].set(model.decoder.embedding[...][17] * 3.0)
-    assert int(model.latent_nearest_tokens(jnp.asarray(images), prompt, pm)["embedding_nearest"][1]) == 17
+    assert int(nearest(model, jnp.asarray(images), prompt, pm)["embedding_nearest"][1]) == 17
     with pytest.raises(ValueError, match="no latent tokens"):
         cached_model(num_latents=0).latent_nearest_tokens(images, prompt, pm)
 
@@ -342,7 +343,7 @@ def test_frozen_vision_and_object_heads_get_no_gradient_from_the_decoder(frozen)
         out = m(jnp.asarray(images), prompt, pm, answer, am)
         return jnp.mean(out["answer_hidden"] ** 2) + jnp.mean(out["grounding"] ** 2)
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)  # eagerly, every op compiles on its own: ~4x slower
     norm = lambda part: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[part])))
     for part in ("aggregator", "object_head", "camera_head"):
         assert (norm(part) == 0) == frozen, part

@@ -11,6 +11,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import student as student_configs
 from spatial_distill import tokenizer as tokenizer_lib
@@ -74,11 +75,21 @@ def exported(tmp_path, tokenizer, cfg, dtype="float32", seed=0):
     return model, out
 
 
-def flax_outputs(model, data) -> dict:
-    images, prompt, pm, answer, am = data
-    out = model(jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm), jnp.asarray(answer), jnp.asarray(am))
+@nnx.jit  # eagerly, every op of the vision side compiles on its own
+def _flax_forward(model, *data):
+    out = model(*data)
     out["answer_logits"] = model.answer_logits(out["answer_hidden"])
     return out
+
+
+def flax_outputs(model, data) -> dict:
+    return _flax_forward(model, *(jnp.asarray(x) for x in data))
+
+
+def flax_generate(model, images, prompt, pm, **kw):
+    """`model.generate`, compiled as one program (the eval stage runs it so)."""
+    return nnx.jit(lambda m, *args: m.generate(*args, **kw))(
+        model, jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm))
 
 
 def torch_outputs(student, data) -> dict:
@@ -141,8 +152,8 @@ def test_torch_student_matches_flax_on_every_output_and_answer(export_of, tokeni
     if cfg.depth_head is not None:
         assert got["depth"].shape == (B, S, SIZE, SIZE) and got["det_boxes"].shape[-1] == 7
     images, prompt, pm = data[:3]
-    tokens, lengths = model.generate(jnp.asarray(images), jnp.asarray(prompt), jnp.asarray(pm),
-                                     max_new_tokens=5, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tokens, lengths = flax_generate(model, images, prompt, pm, max_new_tokens=5,
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     t_tokens, t_lengths = student.generate(images, prompt, pm, max_new_tokens=5)  # numpy in: accepted
     np.testing.assert_array_equal(t_lengths.numpy(), np.asarray(lengths))
     np.testing.assert_array_equal(t_tokens.numpy(), np.asarray(tokens))
@@ -159,8 +170,8 @@ def test_answer_tokenizes_the_question_as_the_records_do(export_of, tokenizer):
     pm = np.zeros(prompt.shape, bool)
     for i, row in enumerate(ids):
         prompt[0, i, :len(row)], pm[0, i, :len(row)] = row, True
-    tokens, lengths = model.generate(jnp.asarray(images[None]), jnp.asarray(prompt), jnp.asarray(pm),
-                                     max_new_tokens=5, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tokens, lengths = flax_generate(model, images[None], prompt, pm, max_new_tokens=5,
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     want = [tokenizer.decode(np.asarray(tokens)[0, i, :int(lengths[0, i])]).strip() for i in range(2)]
     assert said == want
     assert student.answer(images, questions[0], max_new_tokens=5) == want[0]
