@@ -78,7 +78,13 @@ def _compact_rows(model: st.Student, vision, prompt, pm, answer=None, am=None):
 
 
 def _vision(model, images):
-    return model.see(jnp.asarray(images))["vision"]
+    return see(model, jnp.asarray(images))["vision"]
+
+
+@functools.partial(nnx.jit, static_argnames="project")
+def see(model, images, project=True):
+    """`model.see` compiled: eagerly, every op of the vision side compiles on its own."""
+    return model.see(images, project=project)
 
 
 @nnx.jit
@@ -320,7 +326,7 @@ def test_object_tokens_carry_the_object_fields_and_grounding_reads_the_answer_po
     assert out["relation"].shape == (B, Q)
     np.testing.assert_allclose(np.asarray(out["relation"]), np.asarray(rel), atol=1e-5)
     # The fields the decoder reads: the centre channels are the composed object centres.
-    seen = model.see(jnp.asarray(images))
+    seen = see(model, jnp.asarray(images))
     fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)
     from spatial_distill.models.object_head import cameras
     ext, intr = cameras(seen["pose_enc_list"][-1], (56, 56))
@@ -357,7 +363,7 @@ def test_cached_vision_inputs_give_the_same_outputs():
     assert model.vision_frozen
     images, prompt, pm, answer, am = batch()
     x = jnp.asarray(images)
-    cached = model.see(x, project=False)["vision_inputs"]
+    cached = see(model, x, project=False)["vision_inputs"]
     assert cached.shape == (B, 8, 128 + model.cfg.object_head.num_features)
     a = forward(model, x, prompt, pm, answer, am)
     b = nnx.jit(lambda m, *args: m(*args, vision_inputs=cached))(model, x, prompt, pm, answer, am)
@@ -387,7 +393,7 @@ def test_geometry_gain_scales_only_the_fields_geometry_where_the_projector_reads
     # The tiny preset's own gain is 3: the plain student sets 1 explicitly.
     plain = st.create(object_cfg(geometry_gain=1.0), 0)
     gained = st.create(object_cfg(geometry_gain=3.0), 0)
-    seen = plain.see(jnp.asarray(batch()[0]), project=False)
+    seen = see(plain, jnp.asarray(batch()[0]), project=False)
     pooled = np.asarray(seen["vision_inputs"])
     # Patch features, objectness, class probabilities, colour logits, then the geometry.
     start = 2 * plain.cfg.aggregator.embed_dim + 1 + plain.cfg.object_head.num_classes + 3
@@ -403,7 +409,7 @@ def test_geometry_gain_scales_only_the_fields_geometry_where_the_projector_reads
 def test_object_pooling_keeps_the_most_object_like_patches_in_order():
     model = st.create(object_cfg(vision_pool="objects5"), 0)
     images = jnp.asarray(batch()[0])
-    seen = model.see(images, project=False)
+    seen = see(model, images, project=False)
     objectness = np.asarray(seen["object_raw"][..., 0]).reshape(B, -1)
     want = np.sort(np.argsort(-objectness, axis=1)[:, :5], axis=1)
     tokens = np.asarray(model.pool_tokens(seen["patches"], (4, 4), None, jnp.asarray(want)))
@@ -414,7 +420,7 @@ def test_object_pooling_keeps_the_most_object_like_patches_in_order():
     with pytest.raises(ValueError, match="objects<k> selects|enable the object head"):
         tiny_cfg(vision_pool="objects5")  # no object head
     with pytest.raises(ValueError, match="only 32 patch tokens"):
-        st.create(object_cfg(vision_pool="objects40"), 0).see(images)
+        see(st.create(object_cfg(vision_pool="objects40"), 0), images)
 
 
 def test_slot_pooling_averages_the_grouped_patches():
@@ -422,7 +428,7 @@ def test_slot_pooling_averages_the_grouped_patches():
 
     model = st.create(object_cfg(vision_pool="slots3", slot_min_objectness=0.0), 0)
     images = jnp.asarray(batch()[0])
-    seen = model.see(images, project=False)
+    seen = see(model, images, project=False)
     fields = model.object_head.features(seen["object_raw"], seen["pose_enc_list"][-1], (56, 56), 14)
     flat = np.asarray(fields).reshape(B, -1, fields.shape[-1])
     c = model.cfg.object_head.num_classes
