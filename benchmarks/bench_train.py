@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import time
 
 import jax
@@ -113,11 +114,18 @@ def run(config, steps: int) -> dict:
     for _ in range(2):  # warm-up
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     for _ in range(steps):
         state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - t) / steps
+    # The kernel's share: XLA:CPU's temporary buffers are mapped afresh every step, and each page
+    # faults in zeroed (docs/benchmarks.md: GLIBC_TUNABLES=glibc.malloc.hugetlb=1).
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    per_step = {"minor_faults": (after.ru_minflt - usage.ru_minflt) / steps,
+                "user_s": (after.ru_utime - usage.ru_utime) / steps,
+                "sys_s": (after.ru_stime - usage.ru_stime) / steps}
 
     breakdown = student_lib.parameter_breakdown(abstract_model)
     flops = metrics_lib.config_train_flops(config, cfg, breakdown, config.data.num_views)
@@ -128,7 +136,7 @@ def run(config, steps: int) -> dict:
             "step_s": step_s, "tokens_per_s": flops["decoder_tokens"] / step_s,
             "model_flops": flops["total"], "xla_flops": xla_flops, "mfu": flops["total"] / step_s / peak,
             "mfu_xla": xla_flops / step_s / peak, "peak": peak, "peak_how": how,
-            "loss": float(m["learning/loss"]), "cached": cached}
+            "loss": float(m["learning/loss"]), "cached": cached, **per_step}
 
 
 def main(argv=None):
@@ -166,6 +174,8 @@ def main(argv=None):
     print(f"  peak {r['peak'] / 1e9:.1f} GFLOP/s ({r['peak_how']})")
     print(f"  compile {r['compile_s']:.1f} s, step {r['step_s'] * 1e3:.0f} ms, "
           f"{r['tokens_per_s']:.0f} decoder tokens/s")
+    print(f"  per step: {r['minor_faults']:.0f} minor page faults, CPU {r['user_s']:.2f} s user + "
+          f"{r['sys_s']:.2f} s system")
     print(f"  model FLOPs/step {r['model_flops'] / 1e9:.2f} G (analytic) vs {r['xla_flops'] / 1e9:.2f} G "
           f"(XLA); MFU {100 * r['mfu']:.1f}% analytic, {100 * r['mfu_xla']:.1f}% by XLA's count")
 
