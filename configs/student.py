@@ -179,15 +179,15 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # With grounding, the answer position also regresses the signed margin of the relation a
     # question asks (losses/grounding.relation_loss): word -> sign and axis it compares along.
     # Without it the student answers "bigger" as "smaller" (docs/learning.md). {}: off.
-    # "near": the gap below the dataset's 0.15 m (data_pipelines/spatial_qa.NEAR). `gap<t` is a
-    # rough gap (centre distance less mean half extents) that decides 5% of the synthetic "near"
-    # questions wrongly; `surface<t` (the boxes' separating-axis gap) decides them all, but the
-    # main job's figures were measured with `gap`, so it stays until they are measured again
-    # (docs/learning.md, "The 168-px vision weights, shipped"). "touching" (yes at <= 1 mm, no
-    # from 2 cm) has no target by default; `surface<0.01*50` gives it one, the `*50` so the
-    # targets reach the readout's clip instead of sitting within 0.01 of zero. "off": no target.
+    # "near": the boxes' separating-axis gap below the dataset's 0.15 m (data_pipelines/spatial_qa.NEAR),
+    # which decides every synthetic "near" question as the labels do (`gap<t`, centre distance less
+    # mean half extents, decides 5% of them wrongly). "touching" (yes at <= 1 mm, no from 2 cm): the
+    # same gap below 1 cm, `*50` so the targets reach the readout's clip instead of sitting within
+    # 0.01 of zero; without it "touching" is the relation the main job misses (seed 1: 0.72,
+    # docs/learning.md). "off": no target.
     c.loss.relations = {"bigger": "+size", "smaller": "-size", "left": "+x", "right": "-x",
-                        "front": "+z", "behind": "-z", "near": "gap<0.15", "touching": "off"}
+                        "front": "+z", "behind": "-z", "near": "surface<0.15",
+                        "touching": "surface<0.01*50"}
     # x the relation MSE, added to the `ground` task's loss. Tiny: 4 (seed 1 learns the relations
     # by step 2,000 with it; 10 slows the binding they depend on: docs/learning.md).
     c.loss.relation_weight = 4.0 if preset == "tiny" else 1.0

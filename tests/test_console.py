@@ -1,7 +1,9 @@
 """The terminal a user sees: stage lines and results; library logs in WORKDIR/run.log; a bad input
 is one line naming the problem, its traceback in the log."""
 
+import importlib.util
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -9,6 +11,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl / glog line prefix
+
+
+def load_run_py():
+    spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(workdir, *flags):
@@ -39,3 +48,24 @@ def test_a_stage_prints_its_line_and_results_and_logs_the_rest(tmp_path):
     assert not [line for line in (r.stdout + r.stderr).splitlines() if ABSL_LINE.match(line)]
     log = (tmp_path / "run.log").read_text()
     assert "config:" in log  # run.py's config dump went to the log, not the terminal
+    # run.py re-executed itself with huge-page malloc where this host supports it.
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        thp = "[never]"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    want = load_run_py().hugepage_malloc_env(env, system=platform.system(), libc=platform.libc_ver(),
+                                             thp_mode=thp) or env
+    assert f"GLIBC_TUNABLES={want.get('GLIBC_TUNABLES')}\n" in log
+
+
+def test_huge_page_malloc_only_where_glibc_has_the_tunable_and_the_user_set_none():
+    decide = load_run_py().hugepage_malloc_env
+    host = dict(system="Linux", libc=("glibc", "2.36"), thp_mode="always [madvise] never\n")
+    assert decide({"A": "1"}, **host) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert decide({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **host) is None
+    assert decide({}, **{**host, "thp_mode": "always madvise [never]\n"}) is None
+    assert decide({}, **{**host, "libc": ("glibc", "2.34")}) is None
+    assert decide({}, **{**host, "libc": ("glibc", "2.40")}) is not None
+    assert decide({}, **{**host, "libc": ("", "")}) is None  # musl: platform.libc_ver() knows no name
+    assert decide({}, **{**host, "system": "Darwin"}) is None

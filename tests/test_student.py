@@ -398,6 +398,7 @@ def test_geometry_gain_scales_only_the_fields_geometry_where_the_projector_reads
     # Patch features, objectness, class probabilities, colour logits, then the geometry.
     start = 2 * plain.cfg.aggregator.embed_dim + 1 + plain.cfg.object_head.num_classes + 3
     assert pooled.shape[-1] - start == 3 + 3 + 2  # centre, log size, (cos 2ψ, sin 2ψ)
+    assert gained.cfg.geometry_column == start and plain.cfg.geometry_column is None
     scaled = pooled.copy()
     scaled[..., start:] *= 3.0
     np.testing.assert_allclose(np.asarray(gained.project(jnp.asarray(pooled))),

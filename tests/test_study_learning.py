@@ -178,9 +178,9 @@ def test_study_config_parses_the_same_overrides_twice_in_one_process():
     from types import SimpleNamespace
 
     args = SimpleNamespace(preset="tiny", seed=3)
-    overrides = ["--config.data.image_size=168", "--config.loss.relations.near=surface<0.15"]
+    overrides = ["--config.data.image_size=168", "--config.loss.relations.near=gap<0.15"]
     first = study_learning.study_config(args, overrides)
     second = study_learning.study_config(args, overrides[:1])
-    assert (first.seed, first.data.image_size, first.loss.relations.near) == (3, 168, "surface<0.15")
+    assert (first.seed, first.data.image_size, first.loss.relations.near) == (3, 168, "gap<0.15")
     assert (second.seed, second.data.image_size) == (3, 168)
-    assert second.loss.relations.near != "surface<0.15"  # the default, not the first call's
+    assert second.loss.relations.near != "gap<0.15"  # the default, not the first call's

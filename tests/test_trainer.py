@@ -224,6 +224,17 @@ def test_run_writes_metrics_checkpoints_and_eval(records, straight):
                               "process_index": 0, "process_count": 1}]
 
 
+def test_rerunning_a_finished_run_builds_nothing(records, straight, monkeypatch):
+    from spatial_distill.train import trainer
+
+    metrics = os.path.join(straight, "metrics.jsonl")
+    before = open(metrics).read()
+    # The main job's rerun goes straight to its eval stage: no compile of a step it will not take.
+    monkeypatch.setattr(trainer, "programs", lambda *a, **k: pytest.fail("a finished run built its programs"))
+    trainer.train_and_evaluate(tiny_config(records["records"], records["tokenizer"]), straight)
+    assert open(metrics).read() == before
+
+
 @pytest.mark.slow
 def test_sigterm_right_after_a_periodic_checkpoint_stops_cleanly(records, tmp_path):
     wd = str(tmp_path / "term_on_save")

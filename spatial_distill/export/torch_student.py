@@ -211,9 +211,9 @@ class TorchStudent(nn.Module):
         """Pooled tokens as the projector and word values read them (`Student._linear_inputs`):
         the object fields' geometry, from the centre on, times `geometry_gain`."""
         pooled = pooled.float()
-        if self.cfg.object_head is None or self.cfg.geometry_gain == 1.0:
+        start = self.cfg.geometry_column
+        if start is None:
             return pooled
-        start = 2 * self.cfg.aggregator.embed_dim + 4 + self.cfg.object_head.num_classes
         return torch.cat([pooled[..., :start], pooled[..., start:] * self.cfg.geometry_gain], dim=-1)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,15 @@ class StudentConfig:
         return self.vision_pool.startswith("slots") and self.num_object_tokens > 0
 
     @property
+    def geometry_column(self) -> int | None:
+        """Where the object fields' geometry (centre, log size, yaw) starts in a pooled token
+        (`Student.pool_tokens`: 2C patch features, then objectness, class probabilities, colour
+        logits, centre, ...); None when `geometry_gain` leaves the tokens as they are."""
+        if self.object_head is None or self.geometry_gain == 1.0:
+            return None
+        return 2 * self.aggregator.embed_dim + 4 + self.object_head.num_classes
+
+    @property
     def pool_grid(self) -> int:
         if self.vision_pool == "mean1" or self.num_object_tokens:
             return 1
@@ -337,10 +346,8 @@ class Student(nnx.Module):
         centre's x (std ~0.5 m), and Adam moves every input's weights at the same rate, so a small
         input is slow to be used: left/right, read from x alone, is learned last (docs/learning.md)."""
         pooled = pooled.astype(jnp.float32)
-        if self.cfg.object_head is None or self.cfg.geometry_gain == 1.0:
-            return pooled
-        start = 2 * self.cfg.aggregator.embed_dim + 4 + self.cfg.object_head.num_classes  # the centre
-        return pooled.at[..., start:].multiply(self.cfg.geometry_gain)
+        start = self.cfg.geometry_column
+        return pooled if start is None else pooled.at[..., start:].multiply(self.cfg.geometry_gain)
 
     def project(self, pooled: jax.Array) -> jax.Array:
         """Pooled tokens `[B, Nv, C']` -> vision tokens `[B, Nv, D]` in the decoder's dtype
