@@ -1,6 +1,7 @@
 """The terminal a user sees: stage lines and results; library logs in WORKDIR/run.log; a bad input
 is one line naming the problem, its traceback in the log."""
 
+import functools
 import importlib.util
 import os
 import platform
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl / glog line prefix
 
 
+@functools.cache  # run.py defines absl flags: a second execution of it would define them twice
 def load_run_py():
     spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
     module = importlib.util.module_from_spec(spec)
