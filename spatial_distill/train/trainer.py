@@ -279,7 +279,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
         where = f"{ckpt.directory}/{latest}"
         stored = ckpt.meta(latest)
         ckpt_lib.check_same_model(stored["config"], config, where)
-        if latest == total_steps:  # finished (its held-out metrics written): nothing to build
+        if latest == total_steps:  # finished: a rerun (the main job's) builds and compiles nothing
             log.info("%s is the last step: trained to step %d", where, latest)
             return
 
