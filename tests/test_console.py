@@ -22,8 +22,12 @@ def load_run_py():
     return module
 
 
+def run_env() -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
 def run(workdir, *flags):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = run_env()
     return subprocess.run([sys.executable, "run.py", "--config=configs/student.py:tiny",
                            f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -55,7 +59,7 @@ def test_a_stage_prints_its_line_and_results_and_logs_the_rest(tmp_path):
         thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         thp = "[never]"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = run_env()
     want = load_run_py().hugepage_malloc_env(env, system=platform.system(), libc=platform.libc_ver(),
                                              thp_mode=thp) or env
     assert f"GLIBC_TUNABLES={want.get('GLIBC_TUNABLES')}\n" in log
