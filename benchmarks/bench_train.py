@@ -4,6 +4,7 @@
   python -m benchmarks.bench_train --depth_head --steps=10  # with the DPT depth head on
   python -m benchmarks.bench_train --no_cache --scan_layers=true --prompt_len=16 --answer_len=8
                                                             # the tiny step before 2026-12-05
+  python -m benchmarks.bench_train --prompt_len=14 --answer_len=8  # before 2026-12-06's padding
 
 The step is the trainer's (`spatial_distill.train.step.train_step`, sharded over
 `config.mesh.shape`, state donated), on a synthetic batch with the input pipeline's shapes:
@@ -38,6 +39,9 @@ from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
 from spatial_distill.train import vision_cache
 
+# The tiny preset pads prompts and answers to the records' longest (`config.input` unset); with no
+# records here, the main job's on seed 0 (BOS and EOS included).
+BUILT_IN_LENGTHS = {"max_prompt_len": 13, "max_answer_len": 5}
 # Object ids each question refers to (subject, reference): input_pipeline.MAX_REFERRED, which
 # is not imported because that module pulls in TensorFlow, which this benchmark does not need.
 MAX_REFERRED = 2
@@ -161,6 +165,9 @@ def main(argv=None):
         config.train.cache_vision = False
     if args.scan_layers:
         config.model.decoder.scan_layers = args.scan_layers == "true"
+    for field, value in BUILT_IN_LENGTHS.items():
+        if config.input[field] is None:
+            config.input[field] = value
     if args.prompt_len:
         config.input.max_prompt_len = args.prompt_len
     if args.answer_len:

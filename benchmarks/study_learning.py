@@ -217,13 +217,15 @@ def evaluate_checkpoints(args, out, overrides, records, tok, predictions_dir: st
     import jax
     from flax import nnx
 
+    from data_pipelines import teacher_records as tr
     from spatial_distill.eval import grounded
     from spatial_distill.models import student as st
+    from spatial_distill.teacher import dump
     from spatial_distill.tokenizer import load_tokenizer
     from spatial_distill.train import checkpoint as ckpt_lib
     from spatial_distill.train import step as step_lib
 
-    config = study_config(args, overrides)
+    config = dump.with_record_lengths(study_config(args, overrides), tr.read_meta(records), records)
     tokenizer = load_tokenizer(tok)
     cfg = st.config_from(config.model, config.data.image_size, tokenizer)
     graphdef, abstract_state = nnx.split(st.create(cfg, abstract=True))

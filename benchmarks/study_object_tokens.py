@@ -115,6 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="main-job workdir (data/ and tokenizer/)")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--max_len", type=int, default=14, help="question tokens kept (the probe cuts longer ones)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -132,7 +133,7 @@ def main() -> None:
     config = student_configs.get_config(a.preset)
     decoder_cfg = student_lib.config_from(config.model, config.data.image_size, tok).decoder
     tokenizer_lib.check_vocab(tok, decoder_cfg.vocab_size, what=f"{a.preset} decoder")
-    limits = dict(max_objects=a.max_objects, max_questions=16, max_len=config.input.max_prompt_len,
+    limits = dict(max_objects=a.max_objects, max_questions=16, max_len=a.max_len,
                   frame=a.frame, colour=a.colour)
     train = load_split(os.path.join(a.workdir, "data", "train"), tok, **limits)
     held_out = load_split(os.path.join(a.workdir, "data", "eval"), tok, **limits)

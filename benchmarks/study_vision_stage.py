@@ -33,10 +33,12 @@ import optax
 from flax import nnx
 
 from configs import student as student_configs
+from data_pipelines import teacher_records as tr
 from data_pipelines.input_pipeline import InputPipeline
 from spatial_distill.losses.objects import camera_loss, object_loss, object_targets
 from spatial_distill.models import student as student_lib
 from spatial_distill.models.object_head import cameras as object_cameras
+from spatial_distill.teacher import dump
 from spatial_distill.train import vision
 
 KEYS = ("class_acc", "log_z", "centre_err_view0_m", "colour", "log_size", "offset")
@@ -132,7 +134,7 @@ def main() -> None:
     p.add_argument("--pixel_mlp", action="store_true")
     a = p.parse_args()
 
-    config = student_configs.get_config("tiny")
+    config = dump.with_record_lengths(student_configs.get_config("tiny"), tr.read_meta(a.records), a.records)
     size = config.data.image_size
     cfg = vision.stage_config(config, "unused")
     student = student_lib.create(student_lib.config_from(cfg.model, size), 0)

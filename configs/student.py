@@ -121,12 +121,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.input = ml_collections.ConfigDict()  # static batch shapes (errors, never truncation)
     c.input.max_questions = 17  # the synthetic QA asks at most 4 per kind + 1 count
-    # Padded lengths cost decoder work on every question (padding changes no result): the tiny
-    # preset's BPE writes the synthetic questions in <= 13 tokens (BOS included) on every seed
-    # tried; one more is left as margin. Answers keep 8: the dump refuses longer ones, and a BPE
-    # trained on other QA (ScanNet's counts) writes 7.
-    c.input.max_prompt_len = 14 if preset == "tiny" else 32
-    c.input.max_answer_len = 8
+    # Padded lengths of a question's prompt (BOS included) and answer (EOS included). Padding
+    # changes no result but costs decoder work on every question. None: the records' longest
+    # (`teacher_meta.json`; the dump then refuses no answer but past teacher.max_new_tokens). The
+    # tiny preset's BPE is trained per seed, so its longest question moves between seeds (12-13
+    # tokens); fixed limits there cost 17% of the step in padding (docs/benchmarks.md). small and
+    # paper keep fixed shapes, which AOT compiles (config.mode=aot) need without records.
+    c.input.max_prompt_len = config_dict.placeholder(int) if preset == "tiny" else 32
+    c.input.max_answer_len = config_dict.placeholder(int) if preset == "tiny" else 8
     c.input.max_boxes = 16
     c.input.shuffle_buffer = 128
 

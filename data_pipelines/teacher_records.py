@@ -53,6 +53,10 @@ from data_pipelines.sample import QA, Sample, SampleError
 
 FORMAT_VERSION = 1
 META_FILE = "teacher_meta.json"
+# Per split in `teacher_meta.json`, scanned from the finished shards by `write_meta`: totals, then
+# the longest record (questions) and question (prompt and answer tokens, BOS/EOS included).
+COUNT_FIELDS = ("num_records", "num_questions", "num_answer_tokens", "max_questions", "max_prompt_len",
+                "max_answer_len")
 MAX_DEPTH_MM = 65535
 SHARD_RE = re.compile(r"^teacher-(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
 # fp16 rounds a log-prob by at most ~2^-11 relative, so the stored top-K mass may exceed 1 by this.
@@ -85,9 +89,10 @@ def ids_dtype_for_vocab(vocab_size: int) -> str:
 class TeacherMeta:
     """Contents of `teacher_meta.json`: what produced the records and how they are encoded.
 
-    `splits` maps a split name to {num_shards, num_records, num_questions, num_answer_tokens,
-    shard_records} (filled in from the shards by `write_meta`; shard_records[i] is None for a shard
-    not written yet). `calibration` is free-form (the oracle teacher stores its settings there).
+    `splits` maps a split name to {num_shards, `COUNT_FIELDS`..., shard_records} (filled in from
+    the shards by `write_meta`; shard_records[i] is None for a shard not written yet). The
+    maxima (questions per record, prompt and answer tokens per question) size the input
+    pipeline's padded batch when `config.input` leaves them unset. `calibration` is free-form (the oracle teacher stores its settings there).
     """
 
     teacher_id: str
@@ -577,20 +582,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def _counts(path: Path) -> tuple[int, int, int]:
-    """(records, questions, answer tokens) of one shard, from the raw features (no PNG decode)."""
-    records = questions = tokens = 0
+def _counts(path: Path) -> np.ndarray:
+    """One shard's `COUNT_FIELDS`, from the raw features (no PNG decode)."""
+    counts = np.zeros(len(COUNT_FIELDS), np.int64)
     for index, raw in iter_raw(path):
         feats = tf.train.Example.FromString(raw).features.feature
         try:
             itemsize = np.dtype(feats["topk_ids_dtype"].bytes_list.value[0].decode()).itemsize
-            answers = feats["answer_ids"].bytes_list.value
+            answers = [len(b) // itemsize for b in feats["answer_ids"].bytes_list.value]
+            prompts = [len(b) // itemsize for b in feats["prompt_ids"].bytes_list.value]
         except (KeyError, IndexError, TypeError) as e:
             raise RecordError(f"malformed header ({e})", path=path, index=index) from None
-        records += 1
-        questions += len(answers)
-        tokens += sum(len(b) for b in answers) // itemsize
-    return records, questions, tokens
+        counts[:3] += (1, len(answers), sum(answers))
+        counts[3:] = np.maximum(counts[3:], (len(answers), max(prompts, default=0), max(answers, default=0)))
+    return counts
 
 
 def write_meta(out_dir: str | os.PathLike, meta: TeacherMeta) -> TeacherMeta:
@@ -608,18 +613,18 @@ def write_meta(out_dir: str | os.PathLike, meta: TeacherMeta) -> TeacherMeta:
                               "delete the stale ones", path=out_dir)
         n = counts.pop()
         per_shard: list[int | None] = [None] * n
-        totals = np.zeros(3, np.int64)
+        totals = np.zeros(len(COUNT_FIELDS), np.int64)
         for i, (_, path) in shards.items():
             c = _counts(path)
-            per_shard[i] = c[0]
-            totals += c
-        splits[split] = {"num_shards": n, "num_records": int(totals[0]), "num_questions": int(totals[1]),
-                         "num_answer_tokens": int(totals[2]), "shard_records": per_shard}
+            per_shard[i] = int(c[0])
+            totals[:3] += c[:3]
+            totals[3:] = np.maximum(totals[3:], c[3:])
+        splits[split] = {"num_shards": n, **dict(zip(COUNT_FIELDS, map(int, totals))),
+                         "shard_records": per_shard}
     for split, v in splits.items():
         if "shard_records" not in v:
             n = int(v["num_shards"])
-            splits[split] = {"num_shards": n, "num_records": 0, "num_questions": 0,
-                             "num_answer_tokens": 0, "shard_records": [None] * n}
+            splits[split] = {"num_shards": n, **dict.fromkeys(COUNT_FIELDS, 0), "shard_records": [None] * n}
     meta = dataclasses.replace(meta, splits=splits)
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out_dir / META_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
@@ -652,6 +657,7 @@ def verify(data_dir: str | os.PathLike, splits: Sequence[str] | None = None, out
             problems.append(str(e))
             continue
         records = questions = tokens = teacher_bytes = record_bytes = 0
+        longest = dict.fromkeys(COUNT_FIELDS[3:], 0)
         before = len(problems)
         for i in range(n):
             if i not in shards:
@@ -667,9 +673,12 @@ def verify(data_dir: str | os.PathLike, splits: Sequence[str] | None = None, out
                         continue
                     records += 1
                     record_bytes += len(raw)
+                    longest["max_questions"] = max(longest["max_questions"], len(rec.answers))
                     for a in rec.answers:
                         questions += 1
                         tokens += a.answer_ids.size
+                        longest["max_prompt_len"] = max(longest["max_prompt_len"], a.prompt_ids.size)
+                        longest["max_answer_len"] = max(longest["max_answer_len"], a.answer_ids.size)
                         teacher_bytes += (a.topk_ids.nbytes + a.topk_logprobs.nbytes + a.logsumexp.nbytes
                                           + a.answer_ids.size * np.dtype(meta.topk_ids_dtype).itemsize)
             except RecordError as e:
@@ -682,7 +691,8 @@ def verify(data_dir: str | os.PathLike, splits: Sequence[str] | None = None, out
                   file=out)
         if records:
             print(f"  records: {record_bytes / records:.0f} bytes per sample (frames included)", file=out)
-        for key, got in (("num_records", records), ("num_questions", questions), ("num_answer_tokens", tokens)):
+        got_counts = {"num_records": records, "num_questions": questions, "num_answer_tokens": tokens, **longest}
+        for key, got in got_counts.items():
             if key in declared and declared[key] != got and len(problems) == before:
                 problems.append(f"{data_dir / META_FILE}: split {split!r}: field '{key}' says "
                                 f"{declared[key]} but the shards hold {got}; rerun write_meta")

@@ -6,8 +6,9 @@
 With libtpu installed (the `[tpu]` extra; no TPU needed), `jax.experimental.topologies` describes
 the slice and XLA:TPU compiles for it here. What compiles is what the train stage runs: the same
 `trainer.programs` (model, optimizer, shardings, jitted step) on a mesh of the slice's devices,
-at the input pipeline's static shapes (`config.data`, `config.input`, `config.teacher.k`; no
-records are read). Pallas kernels lower through Mosaic, as on the slice.
+at the input pipeline's static shapes (`config.data`, `config.input`, `config.teacher.k`; only
+`W/records/teacher_meta.json`, when there is one, for the prompt and answer lengths `config.input`
+leaves unset). Pallas kernels lower through Mosaic, as on the slice.
 
 `W/aot/report.json` (and a printed summary) holds, per device: argument, output, temporary,
 aliased and code bytes, their total against the chip's HBM and `fits` (XLA:TPU compiled the step,
@@ -39,8 +40,10 @@ import zlib
 import ml_collections
 
 from configs import common
+from data_pipelines import teacher_records as tr
 from spatial_distill import sharding
 from spatial_distill import tokenizer as tokenizer_lib
+from spatial_distill.teacher import dump
 from spatial_distill.train import trainer, vision_cache
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,20 @@ def _tokenizer(config, workdir):
         return trainer.load_tokenizer(config, workdir), "loaded"
     except tokenizer_lib.TokenizerError:
         return ShapeOnlyTokenizer(config.model.decoder.vocab_size), "shape-only stand-in"
+
+
+def _with_lengths(config, workdir):
+    """`config` with the prompt and answer lengths the train stage would pad to: the records'
+    longest where `config.input` leaves them unset (`dump.with_record_lengths`)."""
+    records = dump.records_dir(config, workdir)
+    if os.path.exists(os.path.join(records, tr.META_FILE)):
+        return dump.with_record_lengths(config, tr.read_meta(records), records)
+    for field in ("max_prompt_len", "max_answer_len"):
+        if config.input[field] is None:
+            raise AOTError(f"config.input.{field} is unset and {records} holds no teacher records to "
+                           "read it from: set config.input.max_prompt_len and max_answer_len to the "
+                           "lengths training will pad to")
+    return config
 
 
 def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
@@ -270,6 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary and returns the report."""
     devices = topology_devices(config.aot.topology)
     spec = chip(devices[0])
+    config = _with_lengths(config, workdir)
     tokenizer, tokenizer_source = _tokenizer(config, workdir)
     prog, mesh = build(config, devices, tokenizer)
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ def test_batch_search_finds_the_largest_multiple_of_the_unit(monkeypatch, start,
     assert all(b % 8 == 0 for b in tried) and len(tried) == len(set(tried)) <= 12
 
 
-def test_bad_inputs_are_named(monkeypatch):
+def test_bad_inputs_are_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # as if the [tpu] extra were not installed
     with pytest.raises(aot.AOTError, match=r"needs libtpu: pip install -e '\.\[tpu\]'"):
         aot.topology_devices("v5e:2x2")
@@ -74,6 +74,12 @@ def test_bad_inputs_are_named(monkeypatch):
     config.mesh.shape = (-1, 1, 1)
     with pytest.raises(aot.AOTError, match="max_batch = 4: below one batch unit"):
         aot.search_batch(config, list(range(8)), None, hbm=0, limit=4)
+    # The tiny preset pads to the records' longest prompt: without records AOT needs it set.
+    with pytest.raises(aot.AOTError, match=r"config.input.max_prompt_len is unset and .*records holds "
+                                           r"no teacher records"):
+        aot._with_lengths(config, str(tmp_path))
+    config.input.max_prompt_len, config.input.max_answer_len = 13, 5
+    assert aot._with_lengths(config, str(tmp_path)) is config
 
 
 def test_shape_only_tokenizer_gives_stable_in_vocabulary_ids():
@@ -100,6 +106,8 @@ def test_tiny_train_step_compiles_for_v5e_with_our_kernel(tmp_path):
     config.model.attention = "pallas"
     config.train.cache_vision = False
     config.aot.topology = "v5e:2x2"
+    # No records in tmp_path to read the padded lengths from: the ones the main job trains with.
+    config.input.max_prompt_len, config.input.max_answer_len = 13, 5
     report = aot.run(config, str(tmp_path))
     on_disk = json.load(open(os.path.join(tmp_path, "aot", "report.json")))
     assert on_disk["fits"] is True and report["fits"] is True

@@ -69,6 +69,15 @@ def test_dump_writes_every_sample_once_with_calibrated_oracle(tmp_path):
     assert not train_ids & {r.sample.sample_id for r in all_records(out, "eval")}
     assert len(scene_ids) == 4
 
+    # The meta records the longest prompt and answer: what an unset config.input pads to.
+    for split in ("train", "eval"):
+        answers = [a for r in all_records(out, split) for a in r.answers]
+        assert meta.splits[split]["max_prompt_len"] == max(a.prompt_ids.size for a in answers)
+        assert meta.splits[split]["max_answer_len"] == max(a.answer_ids.size for a in answers)
+    resolved = dump_lib.with_record_lengths(c, meta, out)
+    assert resolved.input.max_prompt_len == 48 and c.input.max_answer_len is None
+    assert resolved.input.max_answer_len == max(meta.splits[s]["max_answer_len"] for s in ("train", "eval")) >= 2
+
     rec = all_records(out, "train")[0]
     for qa, ans in zip(rec.sample.qa, rec.answers):
         # The greedy answer is the grounded answer, and the teacher's top-1 is the greedy token.
@@ -83,6 +92,36 @@ def test_dump_writes_every_sample_once_with_calibrated_oracle(tmp_path):
             assert 0.6 <= p[0, 0] <= 0.95 + 1e-3
         # logsumexp of the oracle's logits (= log-probs) at T = 1 is 0.
         np.testing.assert_allclose(ans.logsumexp, 0.0, atol=1e-5)
+
+
+def test_unset_input_lengths_come_from_the_records_and_set_ones_are_checked():
+    def meta(**train):
+        splits = {"train": {"num_shards": 1, "max_prompt_len": 11, "max_answer_len": 3, **train},
+                  "eval": {"num_shards": 1, "max_prompt_len": 13, "max_answer_len": 2}}
+        return tr.TeacherMeta(teacher_id="t", vocab_size=384, k=4, temperature=1.0, image_size=(56, 56),
+                              num_views=2, splits=splits)
+
+    c = student_configs.get_config("tiny")
+    got = dump_lib.with_record_lengths(c, meta(), "/r")
+    assert (got.input.max_prompt_len, got.input.max_answer_len) == (13, 3)  # the longest of both splits
+    assert c.input.max_prompt_len is None  # the caller's config is not changed
+    c.input.max_prompt_len, c.input.max_answer_len = 20, 3
+    got = dump_lib.with_record_lengths(c, meta(), "/r")
+    assert (got.input.max_prompt_len, got.input.max_answer_len) == (20, 3)
+    c.input.max_prompt_len = 12
+    with pytest.raises(ValueError, match=r"config.input.max_prompt_len = 12 but the records in /r hold 13 "
+                                         r"tokens \('max_prompt_len' in teacher_meta.json\); raise it or leave it None"):
+        dump_lib.with_record_lengths(c, meta(), "/r")
+    # Records dumped before the maxima were recorded: set limits still work, unset ones are named.
+    old = meta()
+    for v in old.splits.values():
+        del v["max_prompt_len"], v["max_answer_len"]
+    c.input.max_prompt_len = 20
+    assert dump_lib.with_record_lengths(c, old, "/r").input.max_prompt_len == 20
+    c.input.max_answer_len = None
+    with pytest.raises(ValueError, match=r"/r/teacher_meta.json does not record 'max_answer_len' .*rerun the "
+                                         r"dump stage .*or set config.input.max_answer_len"):
+        dump_lib.with_record_lengths(c, old, "/r")
 
 
 def test_oracle_confidence_grows_with_margin(tmp_path):

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines import teacher_records as tr
 from spatial_distill import prepare
 from spatial_distill.eval import grounded
 from spatial_distill.models import student as st
@@ -15,7 +16,9 @@ from tests.test_dump import tiny_config
 def dumped(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("eval"))
     c = tiny_config()
-    return c, wd, dump_lib.dump(c, wd), prepare.tokenizer(c, wd)
+    records = dump_lib.dump(c, wd)
+    # The answer budget is the records' longest answer (the tiny preset leaves it unset).
+    return dump_lib.with_record_lengths(c, tr.read_meta(records), records), wd, records, prepare.tokenizer(c, wd)
 
 
 def _small_student(c, tokenizer):

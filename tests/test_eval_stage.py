@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from data_pipelines import teacher_records as tr
 from spatial_distill import prepare
 from spatial_distill.eval import predictions
 from spatial_distill.models import student as st
@@ -17,7 +18,8 @@ from tests.test_dump import tiny_config
 def dumped(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("evalstage"))
     c = tiny_config()
-    return c, dump_lib.dump(c, wd), prepare.tokenizer(c, wd)
+    records = dump_lib.dump(c, wd)
+    return dump_lib.with_record_lengths(c, tr.read_meta(records), records), records, prepare.tokenizer(c, wd)
 
 
 def _student(c, tokenizer, heads=False):
@@ -186,6 +188,7 @@ def test_the_eval_stage_of_a_trained_checkpoint_end_to_end(dumped, tmp_path):
     config.update_from_flattened_dict({
         "data.image_size": 56, "tokenizer.vocab_size": 280, "model.decoder.vocab_size": 280,
         "tokenizer.path": tok.path, "model.depth_head.enabled": True, "model.det_head.enabled": True})
+    config = dump_lib.with_record_lengths(config, tr.read_meta(records), records)  # the eval stage's budget
     model = eval_stage.restore_student(config, str(tmp_path))
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out / "decoder")).eval()
     ids = np.asarray([tok.encode("Is the red box near the blue sphere?", add_bos=True)])

@@ -8,15 +8,21 @@ from configs import student as student_configs
 from spatial_distill import aot, sharding
 
 
-def _programs():
+def _programs(lengths=(13, 5)):
     c = student_configs.get_config("tiny")
     c.model.vision.checkpoint = None
     c.model.vision.pos_embed_size = None
     c.data.image_size = 56
     c.train.batch_size = 2
+    c.input.max_prompt_len, c.input.max_answer_len = lengths  # no records to read them from
     devices = jax.devices()[:1]
     c.mesh.shape = (1, 1, 1)
     return aot.build(c, devices, aot.ShapeOnlyTokenizer(c.model.decoder.vocab_size))
+
+
+def test_unset_lengths_are_named_before_anything_is_built():
+    with pytest.raises(ValueError, match=r"config.input.max_answer_len is unset: .*dump.with_record_lengths"):
+        _programs((13, None))
 
 
 def test_train_and_eval_steps_trace_once_and_a_new_shape_is_an_error():

@@ -271,14 +271,20 @@ def test_atomic_shards_resume_and_meta_counts(tmp_path):
     q = [len(r.answers) for r in records]
     t = [sum(a.answer_ids.size for a in r.answers) for r in records]
     done = [j for i in (0, 2) for j in parts[i]]
+
+    def longest(js):  # the maxima that size the input pipeline's padding
+        return {"max_questions": max(q[j] for j in js),
+                "max_prompt_len": max(a.prompt_ids.size for j in js for a in records[j].answers),
+                "max_answer_len": max(a.answer_ids.size for j in js for a in records[j].answers)}
+
     assert partial.splits["train"] == {"num_shards": 3, "num_records": len(done),
                                        "num_questions": sum(q[j] for j in done),
-                                       "num_answer_tokens": sum(t[j] for j in done),
+                                       "num_answer_tokens": sum(t[j] for j in done), **longest(done),
                                        "shard_records": [3, None, 2]}
     tr.write_shard(tmp_path, "train", 1, 3, [records[j] for j in parts[1]], meta)  # the rerun
     full = tr.write_meta(tmp_path, meta)
     assert full.splits["train"] == {"num_shards": 3, "num_records": 7, "num_questions": sum(q),
-                                    "num_answer_tokens": sum(t), "shard_records": [3, 2, 2]}
+                                    "num_answer_tokens": sum(t), **longest(range(7)), "shard_records": [3, 2, 2]}
     assert tr.read_meta(tmp_path) == full
     got = [r for p in tr.finished_shards(tmp_path, "train", 3) for r in tr.read_shard(p, full)]
     for a, b in zip(records, got, strict=True):
@@ -326,6 +332,20 @@ def test_verify_reports_counts_and_every_bad_record(tmp_path):
     (tmp_path / tr.META_FILE).write_text(json.dumps({**full.to_json(), "k": 3}))
     text = _verify(tmp_path)[1]
     assert f"BAD {shard0}: record 0: sample 'scene000': field 'k': record has 4 but teacher_meta.json says 3" in text
+
+
+def test_verify_names_a_stale_count_or_maximum(tmp_path):
+    full = write_dataset(tmp_path, make_meta(), varied_records(make_meta(), 6), 2)
+    assert _verify(tmp_path)[0] == 0
+    for field in ("num_questions", "max_prompt_len"):
+        doc = json.loads((tmp_path / tr.META_FILE).read_text())
+        doc["splits"]["train"][field] += 1
+        (tmp_path / tr.META_FILE).write_text(json.dumps(doc))
+        rc, text = _verify(tmp_path)
+        assert rc == 1, text
+        assert (f"split 'train': field '{field}' says {full.splits['train'][field] + 1} but the shards "
+                f"hold {full.splits['train'][field]}; rerun write_meta") in text
+        tr.write_meta(tmp_path, full)  # rescans the shards: the true counts again
 
 
 def _verify(path):

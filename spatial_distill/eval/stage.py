@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from data_pipelines import teacher_records as tr
 from spatial_distill import prepare
 from spatial_distill.eval import grounded, predictions, report
 from spatial_distill.models import student as st
@@ -37,17 +38,18 @@ def restore_student(config: ml_collections.ConfigDict, workdir: str) -> st.Stude
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    records = dump.records_dir(config, workdir)
+    config = dump.with_record_lengths(config, tr.read_meta(records), records)
     model = restore_student(config, workdir)
     step = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, create=False).latest_step()
     eval_dir = os.path.join(workdir, "eval")
     predictions.predict(
-        model, prepare.tokenizer(config, workdir), dump.records_dir(config, workdir), eval_dir,
+        model, prepare.tokenizer(config, workdir), records, eval_dir,
         split="eval", batch_size=config.train.batch_size, max_questions=config.input.max_questions,
         max_prompt_len=config.input.max_prompt_len, max_new_tokens=config.input.max_answer_len,
         checkpoint_step=step)
     metrics, notes = predictions.score(eval_dir, class_names=_class_names(config))
     path = grounded.write_metrics(metrics, eval_dir)
-    records = dump.records_dir(config, workdir)
     examples = list(itertools.islice(grounded._records(records, "eval"), config.eval.report_samples))
     heads = {}
     if examples:

@@ -38,6 +38,32 @@ def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.teacher.records_dir or os.path.join(workdir, "records")
 
 
+def with_record_lengths(config: ml_collections.ConfigDict, meta: tr.TeacherMeta,
+                        where: str) -> ml_collections.ConfigDict:
+    """`config` with `input.max_prompt_len` / `input.max_answer_len` left None set to the longest
+    prompt / answer the records hold (`teacher_meta.json`, over the train and eval splits): the
+    padded batch then holds nothing but the data needs. A set value below it is refused here,
+    before anything is built. `where`: the records directory (named in errors)."""
+    resolved = config.copy_and_resolve_references()
+    for field in ("max_prompt_len", "max_answer_len"):
+        found = [meta.splits[s].get(field) for s in SPLITS if s in meta.splits]
+        if None in found or not found:
+            if resolved.input[field] is None:
+                raise ValueError(
+                    f"{os.path.join(where, tr.META_FILE)} does not record '{field}' (dumped by an "
+                    f"older version): rerun the dump stage (it keeps the finished shards and rescans "
+                    f"them) or set config.input.{field}")
+            continue
+        longest = max(found)
+        if resolved.input[field] is None:
+            resolved.input[field] = longest
+        elif resolved.input[field] < longest:
+            raise ValueError(f"config.input.{field} = {resolved.input[field]} but the records in {where} "
+                             f"hold {longest} tokens ('{field}' in {tr.META_FILE}); raise it or leave it "
+                             "None to use the records' longest")
+    return resolved
+
+
 def prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
     return tokenizer.encode(question, add_bos=True)
 
@@ -95,12 +121,13 @@ def check_teacher_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 
 
 def teacher_record(sample, teacher: Teacher, tokenizer: Tokenizer, meta: tr.TeacherMeta,
-                   max_answer_len: int) -> tr.TeacherRecord:
-    """Greedy answers, then the teacher-forced pass reduced to top-K at the dump temperature."""
+                   max_answer_len: int | None) -> tr.TeacherRecord:
+    """Greedy answers, then the teacher-forced pass reduced to top-K at the dump temperature.
+    `max_answer_len` (None: the teacher's own budget only) refuses longer answers."""
     prompts = [prompt_ids(tokenizer, qa.question) for qa in sample.qa]
     answers = teacher.answer(sample, prompts)
     for qa, ans in zip(sample.qa, answers):
-        if len(ans) > max_answer_len:
+        if max_answer_len is not None and len(ans) > max_answer_len:
             raise ValueError(f"sample {sample.sample_id!r}: the teacher's answer to {qa.question!r} has "
                              f"{len(ans)} tokens, more than config.input.max_answer_len = "
                              f"{max_answer_len}; raise the limit")

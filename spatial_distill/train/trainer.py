@@ -43,7 +43,7 @@ from data_pipelines.input_pipeline import InputPipeline, to_global
 from spatial_distill import sharding
 from spatial_distill import tokenizer as tokenizer_lib
 from spatial_distill.models import student as student_lib
-from spatial_distill.teacher.dump import records_dir
+from spatial_distill.teacher.dump import records_dir, with_record_lengths
 from spatial_distill.train import checkpoint as ckpt_lib
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
@@ -184,6 +184,10 @@ def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
              cache_vision: bool) -> Programs:
     """Builds `Programs` for `config` on `mesh`. `meta` gives the records' `num_views`,
     `image_size` and `k`; `tokenizer` the decoder's (word and relation ids)."""
+    for field in ("max_prompt_len", "max_answer_len"):
+        if config.input[field] is None:
+            raise ValueError(f"config.input.{field} is unset: pass the config through "
+                             "dump.with_record_lengths (the records' longest) or set it")
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     spec = step_lib.loss_spec(config, tokenizer)
@@ -294,6 +298,7 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     meta = tr.read_meta(data_dir)
     tokenizer = load_tokenizer(config, workdir)
     check_records(config, meta, data_dir, tokenizer)
+    config = with_record_lengths(config, meta, data_dir)  # unset input lengths: the records' longest
     if verify_records:
         for split in ("train", "eval"):
             verify_shards(data_dir, meta, split, workdir)
