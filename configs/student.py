@@ -123,10 +123,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.input.max_questions = 17  # the synthetic QA asks at most 4 per kind + 1 count
     # Padded lengths of a question's prompt (BOS included) and answer (EOS included). Padding
     # changes no result but costs decoder work on every question. None: the records' longest
-    # (`teacher_meta.json`; the dump then refuses no answer but past teacher.max_new_tokens). The
-    # tiny preset's BPE is trained per seed, so its longest question moves between seeds (12-13
-    # tokens); fixed limits there cost 17% of the step in padding (docs/benchmarks.md). small and
-    # paper keep fixed shapes, which AOT compiles (config.mode=aot) need without records.
+    # (`teacher_meta.json`; the dump then keeps any answer within teacher.max_new_tokens). The
+    # tiny preset's BPE is trained per seed, so its longest answer moves between seeds (13 / 5 on
+    # seed 0, 13 / 4 on seed 1); the fixed 14 / 8 it had cost 14-19% of its step
+    # (docs/benchmarks.md). small and paper keep fixed shapes, which AOT compiles
+    # (config.mode=aot) need without records.
     c.input.max_prompt_len = config_dict.placeholder(int) if preset == "tiny" else 32
     c.input.max_answer_len = config_dict.placeholder(int) if preset == "tiny" else 8
     c.input.max_boxes = 16

@@ -299,6 +299,8 @@ def _train_and_evaluate(config, workdir, verify_records, cleanup: contextlib.Exi
     tokenizer = load_tokenizer(config, workdir)
     check_records(config, meta, data_dir, tokenizer)
     config = with_record_lengths(config, meta, data_dir)  # unset input lengths: the records' longest
+    log.info("questions padded to %d prompt + %d answer tokens, %d per sample", config.input.max_prompt_len,
+             config.input.max_answer_len, config.input.max_questions)
     if verify_records:
         for split in ("train", "eval"):
             verify_shards(data_dir, meta, split, workdir)
