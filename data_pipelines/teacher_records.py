@@ -92,7 +92,8 @@ class TeacherMeta:
     `splits` maps a split name to {num_shards, `COUNT_FIELDS`..., shard_records} (filled in from
     the shards by `write_meta`; shard_records[i] is None for a shard not written yet). The
     maxima (questions per record, prompt and answer tokens per question) size the input
-    pipeline's padded batch when `config.input` leaves them unset. `calibration` is free-form (the oracle teacher stores its settings there).
+    pipeline's padded batch when `config.input` leaves them unset. `calibration` is free-form
+    (the oracle teacher stores its settings there).
     """
 
     teacher_id: str

@@ -112,6 +112,12 @@ def test_unset_input_lengths_come_from_the_records_and_set_ones_are_checked():
     with pytest.raises(ValueError, match=r"config.input.max_prompt_len = 12 but the records in /r hold 13 "
                                          r"tokens \('max_prompt_len' in teacher_meta.json\); raise it or leave it None"):
         dump_lib.with_record_lengths(c, meta(), "/r")
+    # The meta is untrusted: a length that is no token count within the context is refused.
+    c.input.max_prompt_len = None
+    for bad in (10**9, -1, "13"):
+        with pytest.raises(ValueError, match=r"/r/teacher_meta.json: 'max_answer_len' = .* is not a token "
+                                             r"count within the decoder's context \(1..512\); re-dump"):
+            dump_lib.with_record_lengths(c, meta(max_answer_len=bad), "/r")
     # Records dumped before the maxima were recorded: set limits still work, unset ones are named.
     old = meta()
     for v in old.splits.values():

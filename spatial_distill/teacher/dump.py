@@ -54,7 +54,13 @@ def with_record_lengths(config: ml_collections.ConfigDict, meta: tr.TeacherMeta,
                     f"older version): rerun the dump stage (it keeps the finished shards and rescans "
                     f"them) or set config.input.{field}")
             continue
-        longest = max(found)
+        # Untrusted like the records: a length sizes every padded batch, so it must be one.
+        context = config.model.decoder.max_position_embeddings
+        counts = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in found)
+        longest = max(found) if counts else None
+        if not counts or not 0 < longest <= context:
+            raise ValueError(f"{os.path.join(where, tr.META_FILE)}: '{field}' = {found} is not a token "
+                             f"count within the decoder's context (1..{context}); re-dump the records")
         if resolved.input[field] is None:
             resolved.input[field] = longest
         elif resolved.input[field] < longest:
