@@ -115,8 +115,8 @@ def test_unset_input_lengths_come_from_the_records_and_set_ones_are_checked():
     # The meta is untrusted: a length that is no token count within the context is refused.
     c.input.max_prompt_len = None
     for bad in (10**9, -1, "13"):
-        with pytest.raises(ValueError, match=r"/r/teacher_meta.json: 'max_answer_len' = .* is not a token "
-                                             r"count within the decoder's context \(1..512\); re-dump"):
+        with pytest.raises(ValueError, match=r"/r/teacher_meta.json: 'max_answer_len' = .* \(per split\) is "
+                                             r"not a token count in 1..65536; re-dump the records"):
             dump_lib.with_record_lengths(c, meta(max_answer_len=bad), "/r")
     # Records dumped before the maxima were recorded: set limits still work, unset ones are named.
     old = meta()

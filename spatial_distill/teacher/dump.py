@@ -34,6 +34,11 @@ IDENTITY_FIELDS = ("teacher_id", "teacher_revision", "tokenizer_hash", "vocab_si
                    "temperature", "image_size", "num_views", "prompt_template")
 
 
+# Longest prompt or answer a `teacher_meta.json` may declare: beyond any context we train with,
+# so a larger value is a corrupt file, not a batch shape to allocate.
+MAX_RECORD_TOKENS = 1 << 16
+
+
 def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.teacher.records_dir or os.path.join(workdir, "records")
 
@@ -54,13 +59,13 @@ def with_record_lengths(config: ml_collections.ConfigDict, meta: tr.TeacherMeta,
                     f"older version): rerun the dump stage (it keeps the finished shards and rescans "
                     f"them) or set config.input.{field}")
             continue
-        # Untrusted like the records: a length sizes every padded batch, so it must be one.
-        context = config.model.decoder.max_position_embeddings
+        # Untrusted like the records: a length sizes every padded batch, so it must be one (the
+        # decoder's context is checked where a decoder runs: StudentConfig.check_lengths).
         counts = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in found)
         longest = max(found) if counts else None
-        if not counts or not 0 < longest <= context:
-            raise ValueError(f"{os.path.join(where, tr.META_FILE)}: '{field}' = {found} is not a token "
-                             f"count within the decoder's context (1..{context}); re-dump the records")
+        if not counts or not 0 < longest <= MAX_RECORD_TOKENS:
+            raise ValueError(f"{os.path.join(where, tr.META_FILE)}: '{field}' = {found} (per split) is "
+                             f"not a token count in 1..{MAX_RECORD_TOKENS}; re-dump the records")
         if resolved.input[field] is None:
             resolved.input[field] = longest
         elif resolved.input[field] < longest:
