@@ -130,7 +130,7 @@ def _with_lengths(config, workdir):
     records = dump.records_dir(config, workdir)
     if os.path.exists(os.path.join(records, tr.META_FILE)):
         return dump.with_record_lengths(config, tr.read_meta(records), records)
-    for field in ("max_prompt_len", "max_answer_len"):
+    for field in dump.LENGTH_FIELDS:
         if config.input[field] is None:
             raise AOTError(f"config.input.{field} is unset and {records} holds no teacher records to "
                            "read it from: set config.input.max_prompt_len and max_answer_len to the "

@@ -37,6 +37,8 @@ IDENTITY_FIELDS = ("teacher_id", "teacher_revision", "tokenizer_hash", "vocab_si
 # Longest prompt or answer a `teacher_meta.json` may declare: beyond any context we train with,
 # so a larger value is a corrupt file, not a batch shape to allocate.
 MAX_RECORD_TOKENS = 1 << 16
+# The `config.input` lengths an unset value of which `with_record_lengths` reads from the records.
+LENGTH_FIELDS = ("max_prompt_len", "max_answer_len")
 
 
 def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -50,7 +52,7 @@ def with_record_lengths(config: ml_collections.ConfigDict, meta: tr.TeacherMeta,
     padded batch then holds nothing but the data needs. A set value below it is refused here,
     before anything is built. `where`: the records directory (named in errors)."""
     resolved = config.copy_and_resolve_references()
-    for field in ("max_prompt_len", "max_answer_len"):
+    for field in LENGTH_FIELDS:
         found = [meta.splits[s].get(field) for s in SPLITS if s in meta.splits]
         if None in found or not found:
             if resolved.input[field] is None:

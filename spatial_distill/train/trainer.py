@@ -43,7 +43,7 @@ from data_pipelines.input_pipeline import InputPipeline, to_global
 from spatial_distill import sharding
 from spatial_distill import tokenizer as tokenizer_lib
 from spatial_distill.models import student as student_lib
-from spatial_distill.teacher.dump import records_dir, with_record_lengths
+from spatial_distill.teacher.dump import LENGTH_FIELDS, records_dir, with_record_lengths
 from spatial_distill.train import checkpoint as ckpt_lib
 from spatial_distill.train import metrics as metrics_lib
 from spatial_distill.train import step as step_lib
@@ -184,7 +184,7 @@ def programs(config: ml_collections.ConfigDict, mesh, rules, meta, tokenizer, *,
              cache_vision: bool) -> Programs:
     """Builds `Programs` for `config` on `mesh`. `meta` gives the records' `num_views`,
     `image_size` and `k`; `tokenizer` the decoder's (word and relation ids)."""
-    for field in ("max_prompt_len", "max_answer_len"):
+    for field in LENGTH_FIELDS:
         if config.input[field] is None:
             raise ValueError(f"config.input.{field} is unset: pass the config through "
                              "dump.with_record_lengths (the records' longest) or set it")
